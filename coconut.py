@@ -1,0 +1,188 @@
+"""The Coconut wrapper: a causal LM whose `<|latent|>` positions take, as input
+embedding, the last hidden state of the position before them (continuous
+thoughts), trained and decoded with a shared KV cache.
+
+This module owns the model wrapper only: no files, no torch.distributed, no
+training loop. See SPEC sections 5 and 6.
+"""
+
+from collections import namedtuple
+
+import torch
+import torch.nn as nn
+from transformers import DynamicCache
+
+Outputs = namedtuple("Outputs", ["loss", "inputs_embeds", "logits"])
+
+# Upper bound on latent passes, used to give every rank the same number of
+# model calls during synced generation (the reference's padding rule).
+MAX_N_LATENT = 8
+
+
+def latent_columns(input_ids, latent_token_id):
+    """Column of each row's k-th latent token, shape (B, max latents), -1 where
+    a row has fewer; computed without Python loops over rows or positions."""
+    is_latent = input_ids == latent_token_id
+    counts = is_latent.sum(dim=1)
+    max_count = int(counts.max()) if input_ids.numel() else 0  # host sync
+    columns = torch.full((input_ids.shape[0], max_count), -1, dtype=torch.long, device=input_ids.device)
+    if max_count:
+        rows, cols = is_latent.nonzero(as_tuple=True)
+        rank_in_row = is_latent.cumsum(dim=1)[rows, cols] - 1
+        columns[rows, rank_in_row] = cols
+    return columns
+
+
+def positions_from_mask(attention_mask):
+    """Position ids as the collator builds them: 0, 1, ... from each row's
+    first attended token, 0 on padding."""
+    positions = attention_mask.long().cumsum(dim=1) - 1
+    return positions.clamp(min=0) * (attention_mask != 0)
+
+
+class Coconut(nn.Module):
+    def __init__(self, base_causallm, latent_token_id, start_latent_id, end_latent_id, eos_token_id):
+        super().__init__()
+        self.gen_forward_cnt = 0
+        self.base_causallm = base_causallm
+        self.latent_token_id = latent_token_id
+        self.eos_token_id = eos_token_id
+        self.start_latent_id = start_latent_id
+        self.end_latent_id = end_latent_id
+        self.embedding = base_causallm.get_input_embeddings()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids, attention_mask, labels=None, position_ids=None, **kwargs):
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        logits, inputs_embeds, _ = self._continuous_forward(input_ids, attention_mask, position_ids)
+        loss = None
+        if labels is not None:
+            # logits at column t predict the label at column t + 1
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+            )
+        return Outputs(loss=loss, inputs_embeds=inputs_embeds, logits=logits)
+
+    def _continuous_forward(self, input_ids, attention_mask, position_ids, cache=None):
+        """Run the latent passes over one shared cache.
+
+        Pass 0 covers columns [0, first latent); each later pass covers one
+        column, after which the next latent of every row that has one is filled
+        with the hidden state of the column to its left; a last pass covers the
+        rest. Returns (logits over all columns, filled input embeddings, cache).
+        """
+        columns = latent_columns(input_ids, self.latent_token_id)
+        n_passes = columns.shape[1]
+        inputs_embeds = self.embedding(input_ids)
+        cache = cache if cache is not None else DynamicCache(config=self.base_causallm.config)
+        width = input_ids.shape[1]
+        start = 0
+        end = int(columns[columns >= 0].min()) if n_passes else width  # host sync
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        logits = []
+        for pass_idx in range(n_passes + 1):
+            outputs = self.base_causallm(
+                inputs_embeds=inputs_embeds[:, start:end],
+                attention_mask=attention_mask[:, :end],
+                position_ids=position_ids[:, start:end],
+                past_key_values=cache,
+                use_cache=True,
+                output_hidden_states=pass_idx < n_passes,
+            )
+            logits.append(outputs.logits)
+            if pass_idx < n_passes:
+                inputs_embeds = self._fill_latents(
+                    inputs_embeds, outputs.hidden_states[-1], columns[:, pass_idx], rows, start
+                )
+                start, end = end, (end + 1 if pass_idx + 1 < n_passes else width)
+        self.gen_forward_cnt += n_passes + 1
+        return torch.cat(logits, dim=1), inputs_embeds, cache
+
+    @staticmethod
+    def _fill_latents(inputs_embeds, hidden, target_columns, rows, offset):
+        """Out of place (autograd has saved views of the old tensor): put, for
+        every row whose target column is >= 0, the hidden state computed at
+        target - 1 into inputs_embeds at target."""
+        has = target_columns >= 0
+        rows, target = rows[has], target_columns[has]
+        source = target - 1 - offset
+        if bool(((source < 0) | (source >= hidden.shape[1])).any()):
+            raise ValueError(
+                "latent tokens are not aligned across the batch; batch rows with MyCollator"
+            )
+        return inputs_embeds.index_put((rows, target), hidden[rows, source].to(inputs_embeds.dtype))
+
+    # --------------------------------------------------------------- generate
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids,
+        attention_mask,
+        max_new_tokens=16,
+        output_embedding=False,
+        synced_gpus=False,
+        **kwargs,
+    ):
+        """Greedy decoding with a KV cache.
+
+        Takes a batch as MyCollator builds it (padding on either side). With
+        one row, returns a (1, L) tensor: prompt ids then new ids, as the
+        reference. With several rows, returns a list of 1-D tensors, each the
+        row's unpadded prompt then its new ids, equal to what that row gets
+        alone. `synced_gpus` pads the number of model calls to
+        max_new_tokens + MAX_N_LATENT so every rank makes the same number.
+        """
+        self.gen_forward_cnt = 0
+        attention_mask = attention_mask.to(input_ids.device)
+        position_ids = positions_from_mask(attention_mask)
+        logits, prompt_embeds, cache = self._continuous_forward(input_ids, attention_mask, position_ids)
+
+        n_rows, width = input_ids.shape
+        columns = torch.arange(width, device=input_ids.device)
+        last_column = (columns * (attention_mask != 0)).argmax(dim=1)
+        rows = torch.arange(n_rows, device=input_ids.device)
+        next_tokens = logits[rows, last_column].argmax(dim=-1)
+        next_positions = position_ids[rows, last_column] + 1
+
+        new_tokens = [next_tokens]  # the first new token is always kept
+        alive = torch.ones(n_rows, dtype=torch.bool, device=input_ids.device)
+        kept = torch.ones(n_rows, dtype=torch.long, device=input_ids.device)
+        mask = attention_mask
+        for _ in range(max_new_tokens - 1):
+            if not bool(alive.any()):  # host sync, once per token
+                break
+            mask = torch.cat([mask, mask.new_ones(n_rows, 1)], dim=1)
+            outputs = self.base_causallm(
+                inputs_embeds=self.embedding(next_tokens[:, None]),
+                attention_mask=mask,
+                position_ids=next_positions[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            self.gen_forward_cnt += 1
+            next_tokens = outputs.logits[:, -1].argmax(dim=-1)
+            next_positions = next_positions + 1
+            alive = alive & (next_tokens != self.eos_token_id)
+            kept = kept + alive.long()
+            new_tokens.append(next_tokens)
+
+        if synced_gpus:
+            probe = self.embedding(next_tokens[:, None])
+            while self.gen_forward_cnt < max_new_tokens + MAX_N_LATENT:
+                self.gen_forward_cnt += 1
+                self.base_causallm(inputs_embeds=probe)
+
+        new_tokens = torch.stack(new_tokens, dim=1).cpu()
+        results, embeds = [], []
+        real = attention_mask.bool()
+        for row in range(n_rows):  # assembling outputs, not model work
+            generated = new_tokens[row, : int(kept[row])]
+            results.append(torch.cat([input_ids[row][real[row]].cpu(), generated]))
+            if output_embedding:
+                gen_embeds = self.embedding(generated.to(input_ids.device))
+                embeds.append(torch.cat([prompt_embeds[row][real[row]], gen_embeds]))
+        if n_rows == 1:
+            results = results[0].view(1, -1)
+            embeds = embeds[0].unsqueeze(0) if output_embedding else None
+        return (results, embeds) if output_embedding else results

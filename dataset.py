@@ -1,0 +1,219 @@
+"""Data: reading and tokenising the JSON files, the per-stage sequence layouts
+of the curriculum, and the batch collator (SPEC sections 2 to 4).
+
+Never imports the model. Samples are plain dicts of Python int lists; a
+dataset is a list of them behind the torch Dataset interface.
+"""
+
+import itertools
+import json
+import random
+
+import torch
+
+from utils import UserError
+
+
+class SampleList(torch.utils.data.Dataset):
+    """A list of sample dicts, indexable by the DataLoader."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return self.samples[index]
+
+    def __iter__(self):
+        return iter(self.samples)
+
+
+def load_samples(path):
+    """Read a data file and check every sample's keys and types."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: data file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+    if not data:
+        raise UserError(f"{path}: holds no samples")
+    for index, sample in enumerate(data):
+        problem = sample_problem(sample)
+        if problem:
+            raise UserError(f"{path}: sample {index}: {problem}")
+    return data
+
+
+def sample_problem(sample):
+    if not isinstance(sample, dict):
+        return f"expected an object, got {type(sample).__name__}"
+    for key in ("question", "answer", "steps"):
+        if key not in sample:
+            return f"missing key '{key}'"
+    for key in ("question", "answer"):
+        if not isinstance(sample[key], str):
+            return f"'{key}' must be a string, got {type(sample[key]).__name__}"
+    steps = sample["steps"]
+    if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+        return "'steps' must be a list of strings"
+    return None
+
+
+def get_dataset(path, tokenizer, max_size=1000000000):
+    """Tokenise a data file: question (+ "\\n", special tokens), each step
+    (+ "\\n"), answer ("### " + answer, then eos), and the sample index."""
+    data = load_samples(path)[:max_size]
+    plain = dict(add_special_tokens=False)
+    questions = tokenizer([d["question"] + "\n" for d in data])["input_ids"]
+    answers = tokenizer(["### " + d["answer"] for d in data], **plain)["input_ids"]
+    all_steps = [s + "\n" for d in data for s in d["steps"]]
+    flat_steps = tokenizer(all_steps, **plain)["input_ids"] if all_steps else []
+    bounds = list(itertools.accumulate([len(d["steps"]) for d in data], initial=0))
+    eos = tokenizer.eos_token_id
+    samples = [
+        {
+            "question_tokenized": questions[i],
+            "steps_tokenized": flat_steps[bounds[i] : bounds[i + 1]],
+            "answer_tokenized": answers[i] + [eos],
+            "idx": i,
+        }
+        for i in range(len(data))
+    ]
+    check_token_boundaries(path, data[0], samples[0], tokenizer)
+    return SampleList(samples)
+
+
+def check_token_boundaries(path, raw, sample, tokenizer):
+    """The pieces must tokenise like the whole text, or removing steps would
+    change the tokens around them."""
+    # the SPEC's question + "\n" + "\n".join(steps) + "\n### " + answer, written
+    # so that a sample with no steps does not gain a stray "\n"
+    whole = raw["question"] + "\n" + "".join(s + "\n" for s in raw["steps"]) + "### " + raw["answer"]
+    expected = tokenizer.encode(whole) + [tokenizer.eos_token_id]
+    pieces = (
+        sample["question_tokenized"]
+        + list(itertools.chain.from_iterable(sample["steps_tokenized"]))
+        + sample["answer_tokenized"]
+    )
+    if pieces != expected:
+        raise UserError(
+            f"{path}: sample 0: tokenizer merges tokens across the question/step/answer "
+            "boundaries, so stage layouts would be wrong"
+        )
+
+
+def _sequence(prefix, n_latent, markers, start_id, latent_id, end_id):
+    if not markers:
+        return prefix + [latent_id] * n_latent
+    return prefix + [start_id] + [latent_id] * n_latent + [end_id]
+
+
+def _with_masks(sample, input_ids, **extra):
+    return {
+        "input_ids": input_ids,
+        **extra,
+        "attention_mask": [1] * len(input_ids),
+        "idx": sample["idx"],
+        "position_ids": list(range(len(input_ids))),
+    }
+
+
+def get_question_latent_dataset(
+    scheduled_stage, base_dataset_valid, configs, start_id, latent_id, end_id, no_special_marker=False
+):
+    """Evaluation prompts at a stage: question, [start], latents, [end]."""
+
+    def prompt(sample):
+        cap = configs.max_latent_stage
+        if not configs.pad_latent_to_max:
+            cap = min(cap, len(sample["steps_tokenized"]))
+        n_latent = min(cap, scheduled_stage) * configs.c_thought
+        ids = _sequence(sample["question_tokenized"], n_latent, not no_special_marker, start_id, latent_id, end_id)
+        return _with_masks(sample, ids)
+
+    return SampleList([prompt(s) for s in base_dataset_valid])
+
+
+def get_cot_latent_dataset(
+    scheduled_stage,
+    base_dataset,
+    configs,
+    start_id,
+    latent_id,
+    end_id,
+    no_special_marker=False,
+    shuffle=False,
+    seed=None,
+):
+    """Training / validation-loss sequences at a stage (SPEC section 3).
+
+    `seed` (an extension) makes the uniform_prob draws and the shuffle depend
+    on it alone; None draws from the global `random` state as the reference.
+    """
+    rng = random.Random(seed) if seed is not None else random
+    n_markers = 0 if no_special_marker else 2
+
+    def sequence(sample):
+        n_steps = len(sample["steps_tokenized"])
+        stage = scheduled_stage
+        if configs.uniform_prob and rng.random() < configs.uniform_prob:
+            stage = rng.choice(range(n_steps + 1))
+        if stage > configs.max_latent_stage:
+            n_skip = n_steps
+            n_slots = configs.max_latent_stage if configs.pad_latent_to_max else min(n_steps, configs.max_latent_stage)
+        else:
+            n_skip, n_slots = stage, stage  # deliberately not capped at n_steps
+        if configs.no_cot:
+            n_skip, n_slots = n_steps, 0
+        n_latent = n_slots * configs.c_thought
+        question = sample["question_tokenized"]
+        prompt = _sequence(question, n_latent, not no_special_marker, start_id, latent_id, end_id)
+        rest = list(itertools.chain.from_iterable(sample["steps_tokenized"][n_skip:])) + sample["answer_tokenized"]
+        labels = [-100] * (len(question) + n_latent + n_markers) + rest
+        return _with_masks(sample, prompt + rest, labels=labels)
+
+    samples = [sequence(s) for s in base_dataset]
+    if shuffle:
+        rng.shuffle(samples)
+    return SampleList(samples)
+
+
+class MyCollator:
+    """Pads a list of samples into a batch (SPEC section 4): rows that hold a
+    latent token are first left-padded so their first latents share a column,
+    then every field is right-padded to the longest row."""
+
+    def __init__(self, tokenizer, latent_id=None, label_pad_token_id=-100):
+        self.tokenizer = tokenizer
+        self.latent_id = latent_id
+        self.label_pad_token_id = label_pad_token_id
+
+    def _first_latent(self, ids):
+        try:
+            return ids.index(self.latent_id)
+        except ValueError:
+            return None
+
+    def __call__(self, features):
+        firsts = [self._first_latent(f["input_ids"]) for f in features]
+        latest = max((c for c in firsts if c is not None), default=None)
+        shifts = [0 if c is None else latest - c for c in firsts]
+        width = max(s + len(f["input_ids"]) for s, f in zip(shifts, features))
+        pad_id = self.tokenizer.pad_token_id
+        fields = {"input_ids": pad_id, "attention_mask": 0, "position_ids": 0}
+        if "labels" in features[0]:
+            fields["labels"] = self.label_pad_token_id
+        batch = {k: torch.full((len(features), width), v, dtype=torch.long) for k, v in fields.items()}
+        for row, (shift, f) in enumerate(zip(shifts, features)):
+            n = len(f["input_ids"])
+            for key in fields:
+                value = f[key] if key != "position_ids" else range(n)
+                batch[key][row, shift : shift + n] = torch.as_tensor(value, dtype=torch.long)
+        batch["idx"] = torch.tensor([f["idx"] for f in features], dtype=torch.long)
+        return batch

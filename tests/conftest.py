@@ -1,0 +1,116 @@
+"""Shared fixtures: a BPE tokenizer trained here with the `tokenizers` library,
+tiny random GPT-2 / Llama / Qwen2 models saved to temp folders and loaded back
+through `from_pretrained` (the path a user's `model_id` takes), and small
+data files. No network.
+
+Run the whole suite with: python -m pytest -q tests
+"""
+
+import json
+import os
+import random
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+EOS = "<|endoftext|>"
+BOS = "<s>"
+
+
+def make_samples(n, seed=0, max_steps=4):
+    """Arithmetic word problems in the GSM8K layout, 0..max_steps steps each."""
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        steps, value = [], a
+        for _ in range(rng.randint(0, max_steps)):
+            c = rng.randint(1, 9)
+            steps.append(f"<<{value}+{c}={value + c}>>")
+            value += c
+        samples.append({"question": f"Tom has {a} apples and gets {b} more, then adds steps?", "steps": steps, "answer": str(value)})
+    return samples
+
+
+def train_tokenizer(folder, add_bos=False):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [EOS, BOS] if add_bos else [EOS]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = []
+    for s in make_samples(400, seed=123):
+        corpus.append(s["question"] + "\n" + "\n".join(s["steps"]) + "\n### " + s["answer"])
+    tok.train_from_iterator(corpus * 3, trainer)
+    if add_bos:
+        bos_id = tok.token_to_id(BOS)
+        tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
+    kwargs = dict(tokenizer_object=tok, eos_token=EOS)
+    if add_bos:
+        kwargs["bos_token"] = BOS
+    fast = PreTrainedTokenizerFast(**kwargs)
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_model_dir(folder, arch, add_bos=False):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = train_tokenizer(folder, add_bos=add_bos)
+    vocab = len(tokenizer)
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=32, n_layer=2, n_head=2, bos_token_id=eos, eos_token_id=eos)
+        model = GPT2LMHeadModel(config)
+    elif arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+        )
+        model = LlamaForCausalLM(config)
+    elif arch == "qwen2":
+        config = Qwen2Config(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, eos_token_id=eos, tie_word_embeddings=True,
+        )
+        model = Qwen2ForCausalLM(config)
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """{arch: folder} for tiny gpt2, llama (tokenizer adds BOS) and qwen2."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "gpt2": build_model_dir(str(root / "gpt2"), "gpt2"),
+        "llama": build_model_dir(str(root / "llama"), "llama", add_bos=True),
+        "qwen2": build_model_dir(str(root / "qwen2"), "qwen2"),
+    }
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for name, n, seed in (("train", 48, 1), ("valid", 10, 2)):
+        with open(root / f"toy_{name}.json", "w") as f:
+            json.dump(make_samples(n, seed=seed), f)
+    return root
+
+
+def load_tokenizer_and_model(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)

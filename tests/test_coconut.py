@@ -1,0 +1,203 @@
+"""The continuous-thought forward pass and generation (SPEC sections 5, 6),
+pinned against naive references written here: latents filled one at a time
+with a full recomputation each time, and greedy decoding without a cache.
+
+python -m pytest -q tests/test_coconut.py
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import load_tokenizer_and_model, make_samples
+
+from coconut import MAX_N_LATENT, Coconut
+from dataset import MyCollator, get_cot_latent_dataset, get_dataset, get_question_latent_dataset
+from utils import Config
+
+ARCHS = ["gpt2", "llama", "qwen2"]
+TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
+
+
+def stage_config(**kw):
+    base = dict(c_thought=2, max_latent_stage=3, pad_latent_to_max=False, uniform_prob=0.0, no_cot=False)
+    return Config({**base, **kw})
+
+
+def setup_model(folder):
+    tokenizer, model = load_tokenizer_and_model(folder)
+    tokenizer.pad_token = tokenizer.eos_token
+    for t in TOKENS:
+        tokenizer.add_tokens(t)
+    model.resize_token_embeddings(len(tokenizer))
+    start, end, latent = (tokenizer.convert_tokens_to_ids(t) for t in TOKENS)
+    model.eval()  # no dropout: the two computations must see the same function
+    return tokenizer, model, (start, latent, end)
+
+
+def mixed_batch(tokenizer, ids, tmp_path, stages=(0, 1, 3, 2)):
+    """One collated training batch whose rows sit at different stages: rows
+    with no latents, with 2, 6 and 4 latents (c_thought 2)."""
+    import json
+
+    path = tmp_path / "mixed.json"
+    samples = make_samples(8, seed=7, max_steps=4)
+    samples = [s for s in samples if len(s["steps"]) >= 3][: len(stages)]
+    assert len(samples) == len(stages)
+    path.write_text(json.dumps(samples))
+    base = get_dataset(str(path), tokenizer)
+    start, latent, end = ids
+    rows = []
+    for sample, stage in zip(base, stages):
+        rows += get_cot_latent_dataset(stage, [sample], stage_config(), start, latent, end)
+    return MyCollator(tokenizer, latent_id=latent)(rows)
+
+
+def naive_forward(base, batch, latent_id):
+    """Fill the k-th latent of every row from a full pass over the sequence
+    as filled so far; then one full pass gives the logits."""
+    input_ids = batch["input_ids"]
+    embeds = base.get_input_embeddings()(input_ids)
+    columns = [(row == latent_id).nonzero().flatten().tolist() for row in input_ids]
+    common = dict(attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    for k in range(max(len(c) for c in columns)):
+        hidden = base(inputs_embeds=embeds, output_hidden_states=True, **common).hidden_states[-1]
+        shifted = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
+        mask = torch.zeros(input_ids.shape, dtype=torch.bool)
+        for row, cols in enumerate(columns):
+            if len(cols) > k:
+                mask[row, cols[k]] = True
+        embeds = torch.where(mask[..., None], shifted, embeds)
+    logits = base(inputs_embeds=embeds, **common).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+    return loss, logits, embeds
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_matches_naive_reference(arch, model_dirs, tmp_path):
+    tokenizer, model, ids = setup_model(model_dirs[arch])
+    batch = mixed_batch(tokenizer, ids, tmp_path)
+    counts = (batch["input_ids"] == ids[1]).sum(1).tolist()
+    assert sorted(counts) == [0, 2, 4, 6]  # rows of different latent counts and one with none
+
+    reference = copy.deepcopy(model)
+    coconut = Coconut(model, ids[1], ids[0], ids[2], tokenizer.eos_token_id)
+    out = coconut(**{k: v for k, v in batch.items() if k != "idx"})
+    ref_loss, ref_logits, ref_embeds = naive_forward(reference, batch, ids[1])
+
+    real = batch["attention_mask"].bool()
+    assert out.logits.shape == ref_logits.shape
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits[real], ref_logits[real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.inputs_embeds, ref_embeds, rtol=1e-4, atol=1e-5)
+
+    out.loss.backward()
+    ref_loss.backward()
+    ref_params = dict(reference.named_parameters())
+    checked = 0
+    for name, param in model.named_parameters():
+        ref_grad = ref_params[name].grad
+        assert (param.grad is None) == (ref_grad is None), name
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, ref_grad, rtol=1e-4, atol=1e-6, msg=name)
+            checked += 1
+    assert checked == len(ref_params)
+
+
+def test_no_latents_is_one_plain_pass(model_dirs, tmp_path):
+    tokenizer, model, ids = setup_model(model_dirs["gpt2"])
+    batch = mixed_batch(tokenizer, ids, tmp_path, stages=(0, 0))
+    coconut = Coconut(model, ids[1], ids[0], ids[2], tokenizer.eos_token_id)
+    out = coconut(**{k: v for k, v in batch.items() if k != "idx"})
+    plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    torch.testing.assert_close(out.logits, plain.logits)
+    assert coconut.gen_forward_cnt == 1
+
+
+def test_unaligned_latents_are_refused(model_dirs):
+    tokenizer, model, ids = setup_model(model_dirs["gpt2"])
+    coconut = Coconut(model, ids[1], ids[0], ids[2], tokenizer.eos_token_id)
+    input_ids = torch.tensor([[5, 6, ids[1], 7, 8], [5, 6, 7, ids[1], 8]])
+    with pytest.raises(ValueError, match="aligned"):
+        coconut(input_ids, torch.ones_like(input_ids), input_ids, torch.arange(5).expand(2, 5))
+
+
+# ------------------------------------------------------------------ generation
+def naive_generate(coconut, input_ids, max_new_tokens, eos):
+    """Reference decoding for one row: the prompt through the naive latent
+    fill, then full recomputation for every new token."""
+    base = coconut.base_causallm
+    batch = {
+        "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+        "position_ids": torch.arange(input_ids.shape[1])[None], "labels": input_ids,
+    }
+    with torch.no_grad():
+        _, logits, embeds = naive_forward(base, batch, coconut.latent_token_id)
+        tokens = input_ids[0].tolist()
+        next_token = int(logits[0, -1].argmax())
+        tokens.append(next_token)
+        for _ in range(max_new_tokens - 1):
+            embeds = torch.cat([embeds, base.get_input_embeddings()(torch.tensor([[next_token]]))], dim=1)
+            next_token = int(base(inputs_embeds=embeds).logits[0, -1].argmax())
+            if next_token == eos:
+                break
+            tokens.append(next_token)
+    return tokens
+
+
+def eval_prompts(tokenizer, ids, data_dir, stage):
+    base = get_dataset(str(data_dir / "toy_valid.json"), tokenizer)
+    return get_question_latent_dataset(stage, base, stage_config(c_thought=1), *ids[:1], ids[1], ids[2])
+
+
+def pick_eos(coconut, prompts, collator):
+    """A token that some, not all, rows generate early: lets rows stop at
+    different steps without a trained model."""
+    outputs = [coconut.generate(collator([p])["input_ids"], collator([p])["attention_mask"], max_new_tokens=6)[0] for p in prompts]
+    # the first new token is always kept, so only later ones can stop a row
+    seen = [set(o[len(p["input_ids"]) + 1 :].tolist()) for o, p in zip(outputs, prompts)]
+    candidates = set.union(*seen)
+    return max(candidates, key=lambda t: (0 < sum(t in s for s in seen) < len(seen), -sum(t in s for s in seen)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_matches_naive_greedy_and_batches_agree(arch, model_dirs, data_dir):
+    tokenizer, model, ids = setup_model(model_dirs[arch])
+    collator = MyCollator(tokenizer, latent_id=ids[1])
+    # pad_latent_to_max off: rows get 0..2 latents, so prompt lengths differ
+    prompts = list(eval_prompts(tokenizer, ids, data_dir, stage=2))
+    coconut = Coconut(model, ids[1], ids[0], ids[2], tokenizer.eos_token_id)
+    coconut.eos_token_id = pick_eos(coconut, prompts, collator)
+
+    alone = []
+    for p in prompts:
+        batch = collator([p])
+        out = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=10)
+        assert out.shape[0] == 1 and out.dim() == 2
+        assert out[0].tolist() == naive_generate(coconut, batch["input_ids"], 10, coconut.eos_token_id)
+        alone.append(out[0].tolist())
+    assert len({len(a) - len(p["input_ids"]) for a, p in zip(alone, prompts)}) > 1  # rows stopped at different steps
+
+    batch = collator(prompts)
+    assert batch["attention_mask"].eq(0).any()  # padding on the left and/or right
+    together = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=10)
+    assert [t.tolist() for t in together] == alone
+
+
+def test_generate_synced_call_count_and_embeddings(model_dirs, data_dir):
+    tokenizer, model, ids = setup_model(model_dirs["gpt2"])
+    collator = MyCollator(tokenizer, latent_id=ids[1])
+    prompt = next(p for p in eval_prompts(tokenizer, ids, data_dir, stage=2) if ids[1] in p["input_ids"])
+    batch = collator([prompt])
+    coconut = Coconut(model, ids[1], ids[0], ids[2], tokenizer.eos_token_id)
+    tokens = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=5, synced_gpus=True)
+    assert coconut.gen_forward_cnt == 5 + MAX_N_LATENT
+    tokens2, embeds = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=5, output_embedding=True)
+    assert torch.equal(tokens, tokens2)
+    assert embeds.shape == (1, tokens.shape[1], model.config.n_embd)
+    n_prompt = batch["input_ids"].shape[1]
+    # new-token rows are plain embeddings; latent rows hold hidden states
+    torch.testing.assert_close(embeds[0, n_prompt:], model.get_input_embeddings()(tokens[0, n_prompt:]))
+    latent_rows = batch["input_ids"][0] == ids[1]
+    assert latent_rows.any()
+    assert not torch.allclose(embeds[0, : n_prompt][latent_rows], model.get_input_embeddings()(batch["input_ids"][0][latent_rows]))

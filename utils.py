@@ -1,0 +1,164 @@
+"""Small helpers shared by the other modules: the typed run config (`Config`,
+`load_config`), seeding, the user-error type, and main-process printing."""
+
+import difflib
+import os
+import random
+
+import numpy as np
+import torch
+import yaml
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, data, paths). run.py prints it as
+    one line, without a traceback, and exits non-zero."""
+
+
+class Config(dict):
+    """A dict whose keys are also attributes, as in the reference code."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+
+REQUIRED = object()
+
+# key: (type, default, meaning). Types are checked at load; REQUIRED keys must
+# be given. The first block is the reference code's key set.
+CONFIG_KEYS = {
+    "project": (str, "coconut", "wandb project"),
+    "save_path": (str, REQUIRED, "folder holding one sub-folder per run name"),
+    "name": (str, REQUIRED, "run name: checkpoints go to save_path/name"),
+    "only_eval": (bool, False, "evaluate load_model_path once and stop"),
+    "coconut": (bool, False, "train with continuous thoughts (the Coconut method)"),
+    "cot": (bool, False, "train on full chain-of-thought text (stage 0 always)"),
+    "no_thoughts": (bool, False, "Coconut curriculum without latent tokens (c_thought forced to 0)"),
+    "no_cot": (bool, False, "train on question -> answer, no steps, no thoughts"),
+    "c_thought": (int, 1, "continuous thoughts per replaced reasoning step"),
+    "epochs_per_stage": (int, 1, "epochs spent in each curriculum stage"),
+    "max_latent_stage": (int, 0, "last stage that replaces one more step; later stages replace all"),
+    "pad_latent_to_max": (bool, False, "always use max_latent_stage thought slots once all steps are replaced"),
+    "save_only_improve": (bool, False, "save a checkpoint only when validation accuracy improves"),
+    "uniform_prob": (float, 0.0, "probability of training a sample at a uniformly drawn stage"),
+    "model_id": (str, REQUIRED, "HuggingFace model id or local folder"),
+    "load_model_path": (str, "None", "state-dict file to start from; None for none"),
+    "seed": (int, 0, "random seed"),
+    "resume": (int, 0, "first epoch to run (epochs before it are skipped)"),
+    "bf16": (bool, False, "cast the model to bfloat16 (reference behaviour)"),
+    "train_path": (str, "None", "training data JSON (needed unless only_eval)"),
+    "val_path": (str, REQUIRED, "validation data JSON"),
+    "reset_optimizer": (bool, False, "new AdamW at the start of every epoch"),
+    "batch_size_training": (int, 32, "training batch size per process"),
+    "debug": (bool, False, "no wandb, no checkpoints, 5000 train / 32 validation samples"),
+    "gradient_accumulation_steps": (int, 1, "batches per optimizer step"),
+    "num_epochs": (int, REQUIRED, "epochs to train"),
+    "lr": (float, 1e-4, "AdamW learning rate"),
+    "weight_decay": (float, 0.01, "AdamW weight decay"),
+    # extensions (defaults give the reference behaviour)
+    "batch_size_eval": (int, 1, "validation prompts generated together per process (same results as 1)"),
+}
+
+
+def _typed(key, value, source):
+    kind = CONFIG_KEYS[key][0]
+    if key == "load_model_path" and value is None:
+        return "None"
+    if kind is float and isinstance(value, str):
+        # PyYAML reads `1e-4` (no dot) as a string; accept what parses as a number
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{source}: key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _check_key(key, source):
+    if key not in CONFIG_KEYS:
+        near = difflib.get_close_matches(key, CONFIG_KEYS, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise UserError(f"{source}: unknown key '{key}'{hint}")
+
+
+def parse_overrides(pairs):
+    """`key=value` command-line words to a dict, values read as YAML."""
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"command line: expected key=value, got '{pair}'")
+        out[key] = yaml.safe_load(text) if text else ""
+    return out
+
+
+def load_config(path, overrides=()):
+    """Read a YAML run config, apply `key=value` overrides, check every key and
+    type, fill defaults, and return a Config."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config keys")
+    values = {}
+    for source, mapping in ((path, raw), ("command line", parse_overrides(overrides))):
+        for key, value in mapping.items():
+            _check_key(str(key), source)
+            values[key] = _typed(key, value, source)
+    for key, (_, default, _) in CONFIG_KEYS.items():
+        if key not in values:
+            if default is REQUIRED:
+                raise UserError(f"{path}: missing required key '{key}'")
+            values[key] = default
+    config = Config(values)
+    check_config(config, path)
+    return config
+
+
+def check_config(config, source):
+    """Settings that are each well typed but make no sense together."""
+    methods = [m for m in ("coconut", "cot", "no_thoughts", "no_cot") if config[m]]
+    if len(methods) > 1:
+        raise UserError(f"{source}: keys {' and '.join(methods)} are both set; choose one method")
+    for key in ("c_thought", "epochs_per_stage", "max_latent_stage", "resume", "seed"):
+        if config[key] < 0:
+            raise UserError(f"{source}: key '{key}' must be >= 0")
+    for key in ("batch_size_training", "batch_size_eval", "gradient_accumulation_steps", "epochs_per_stage", "num_epochs"):
+        if config[key] < 1:
+            raise UserError(f"{source}: key '{key}' must be >= 1")
+    if not 0.0 <= config.uniform_prob <= 1.0:
+        raise UserError(f"{source}: key 'uniform_prob' must be between 0 and 1")
+    if not config.only_eval and config.train_path == "None":
+        raise UserError(f"{source}: key 'train_path' is required unless only_eval is set")
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def is_main_process():
+    """Rank 0 of a torchrun launch, or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print0(*args, **kwargs):
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
