@@ -1,0 +1,470 @@
+"""The training CLI: `python run.py CONFIG.yaml [key=value ...]`, or under
+`torchrun --nnodes N --nproc_per_node M run.py CONFIG.yaml`.
+
+Reads the config, builds model and tokenizer in the reference set-up order
+(SPEC section 7), then for each epoch trains one stage of the curriculum,
+saves a checkpoint, measures validation loss, and evaluates answer accuracy
+by greedy generation. Owns the process group, wrapping, checkpoints and
+logging.
+"""
+
+import argparse
+import copy
+import gc
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from coconut import Coconut
+from dataset import MyCollator, get_cot_latent_dataset, get_dataset, get_question_latent_dataset, load_samples
+from utils import UserError, is_main_process, load_config, print0, set_seed
+
+LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
+
+
+# --------------------------------------------------------------- processes
+def init_distributed():
+    """(rank, world size, device). Under torchrun: NCCL on GPU, gloo on CPU,
+    device set before the process group. A plain process gets no group."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return 0, 1, device
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# ------------------------------------------------------------------- model
+def find_resume_checkpoint(configs):
+    """Step 1: a folder with checkpoints means a preempted run: resume from the
+    newest one (ignoring the given `resume`)."""
+    save_dir = os.path.join(configs.save_path, configs.name)
+    if configs.only_eval or not os.path.isdir(save_dir):
+        return
+    epochs = [int(f.split("_")[1]) for f in os.listdir(save_dir) if f.split("_")[-1].isdigit() and f.startswith("checkpoint_")]
+    if not epochs:
+        return
+    configs.resume = max(epochs)
+    configs.load_model_path = os.path.join(save_dir, f"checkpoint_{configs.resume}")
+    print0(f"Found a previous run in {save_dir}: resuming from epoch {configs.resume} (the configured `resume` is ignored)")
+
+
+def load_pretrained(model_id):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        model = AutoModelForCausalLM.from_pretrained(model_id)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model_id '{model_id}': cannot load model or tokenizer ({first})") from None
+    return model, tokenizer
+
+
+def read_state_dict(path):
+    if not os.path.isfile(path):
+        raise UserError(f"load_model_path '{path}': no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise UserError(f"load_model_path '{path}': not a readable checkpoint ({type(e).__name__})") from None
+
+
+def load_weights(module, state_dict, path):
+    try:
+        result = module.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:
+        raise UserError(f"load_model_path '{path}': weights do not fit the model ({str(e).splitlines()[0]})") from None
+    print0(f"Loaded {path}: {result}")
+
+
+def init_latent_embeddings(model, tokenizer):
+    """Step 4: room for the new tokens, initialised from `<<` (it steadies the
+    start of training)."""
+    # the new rows are overwritten below, so skip the costly mean initialisation
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    target = tokenizer.convert_tokens_to_ids("<<")
+    if target is None or target == tokenizer.unk_token_id:
+        target = tokenizer.encode("<<", add_special_tokens=False)[0]
+    tables = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    with torch.no_grad():
+        for token in LATENT_TOKENS:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            for table in tables:
+                table[token_id] = table[target]
+
+
+def build_model(configs):
+    """Steps 2 to 7 of the set-up order. Returns (model, tokenizer, token ids)."""
+    saved = read_state_dict(configs.load_model_path) if configs.load_model_path != "None" else None
+    model, tokenizer = load_pretrained(configs.model_id)
+    tokenizer.pad_token = tokenizer.eos_token
+    for token in LATENT_TOKENS:
+        tokenizer.add_tokens(token)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LATENT_TOKENS}
+
+    deferred = False
+    if saved is not None:
+        wrapped_keys = any(k.startswith("base_causallm") for k in saved)
+        if wrapped_keys and not configs.coconut:
+            raise UserError(
+                f"load_model_path '{configs.load_model_path}': holds Coconut weights (base_causallm.*) "
+                "but coconut is off"
+            )
+        deferred = wrapped_keys  # Coconut weights load into the wrapper, below
+        if not deferred:
+            load_weights(model, saved, configs.load_model_path)
+
+    if not (configs.cot or configs.no_thoughts or configs.no_cot):
+        init_latent_embeddings(model, tokenizer)
+    if configs.no_thoughts:
+        configs.c_thought = 0
+        configs.coconut = False
+    if configs.coconut:
+        model = Coconut(model, ids["<|latent|>"], ids["<|start-latent|>"], ids["<|end-latent|>"], tokenizer.eos_token_id)
+    if deferred:
+        load_weights(model, saved, configs.load_model_path)
+    if configs.bf16:
+        model.to(torch.bfloat16)
+    return model, tokenizer, ids
+
+
+def wrap_model(model, configs, world, device):
+    """Step 8: one process keeps the model as is; several use DDP for
+    evaluation-only runs and FSDP (each decoder block its own shard unit)
+    for training. Returns the module to call for training and loss."""
+    model.to(device)
+    if world == 1:
+        return model
+    if configs.only_eval:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    block_names = set(getattr(plain_model(model), "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in block_names:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def plain_model(model):
+    return model.base_causallm if isinstance(model, Coconut) else model
+
+
+def is_sharded(module):
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+# ------------------------------------------------------------- checkpoints
+def full_state_dict(parallel):
+    """The reference state-dict format (wrapper keys for Coconut); gathered
+    on every rank when sharded, so call it on all ranks."""
+    if is_sharded(parallel):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(parallel, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    module = parallel.module if hasattr(parallel, "module") else parallel
+    return module.state_dict()
+
+
+def save_checkpoint(parallel, configs, epoch):
+    states = full_state_dict(parallel)
+    if is_main_process():
+        save_dir = os.path.join(configs.save_path, configs.name)
+        os.makedirs(save_dir, exist_ok=True)
+        path = os.path.join(save_dir, f"checkpoint_{epoch + 1}")
+        # a temporary name then a rename, so a killed run never leaves a half file
+        torch.save(states, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        print(f"saving model to {path}", flush=True)
+    barrier()
+    del states
+    gc.collect()
+
+
+# ------------------------------------------------------------------- wandb
+def init_wandb(configs):
+    """Online with a login; otherwise offline, saying so in one line."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not has_wandb_login():
+        mode = "offline"
+        print0("wandb: no login found, logging offline (run `wandb login` or set WANDB_API_KEY to log online)")
+    try:
+        run = wandb.init(
+            project=configs.project, name=configs.name, mode=mode, config=dict(configs),
+            settings=wandb.Settings(init_timeout=60, silent=True),
+        )
+    except Exception as e:  # no network, bad key: the training must go on
+        print0(f"wandb: could not start ({type(e).__name__}); logging offline")
+        run = wandb.init(project=configs.project, name=configs.name, mode="offline", config=dict(configs))
+    return run
+
+
+def has_wandb_login():
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def log_batch_table(run, table, batch, tokenizer, step):
+    """One table row per epoch: every position's id, label and token."""
+    lines = []
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        lines += [f"{i} {l} {tokenizer.decode([i])}" for i, l in zip(ids, labels)]
+        lines.append("=" * 40)
+    table.add_data(step, "\n".join(lines) + "\n")
+    run.log({"data_table": copy.copy(table)})
+
+
+# ----------------------------------------------------------------- training
+def build_optimizer(parallel, configs):
+    return torch.optim.AdamW(parallel.parameters(), lr=configs.lr, weight_decay=configs.weight_decay)
+
+
+def to_device(batch, device, skip=("idx",)):
+    return {k: v.to(device) for k, v in batch.items() if k not in skip}
+
+
+def train_epoch(parallel, optimizer, loader, configs, epoch, device, run, log_table, tokenizer):
+    parallel.train()
+    accumulate = configs.gradient_accumulation_steps
+    pbar = tqdm(total=len(loader) // accumulate, desc=f"Training Epoch: {epoch + 1}", disable=not is_main_process(), dynamic_ncols=True)
+    for step, batch in enumerate(loader):
+        if step == 0 and run is not None:
+            log_batch_table(run, log_table, batch, tokenizer, epoch * len(loader))
+        loss = parallel(**to_device(batch, device)).loss / accumulate
+        loss.backward()
+        if (step + 1) % accumulate == 0 or step == len(loader) - 1:
+            optimizer.step()
+            optimizer.zero_grad()
+            pbar.update(1)
+        full_loss = loss.detach().float().item() * accumulate  # host sync, once per batch
+        if run is not None:
+            run.log({"train/epoch": epoch + 1, "train/step": epoch * len(loader) + step, "train/loss": full_loss})
+        pbar.set_description(f"Training Epoch: {epoch + 1}/{configs.num_epochs}, batch {step}/{len(loader)} (loss: {full_loss:.4f})")
+    pbar.close()
+    barrier()
+
+
+@torch.no_grad()
+def validation_loss(parallel, loader, world, device):
+    """Mean over batches of the loss averaged over ranks."""
+    parallel.eval()
+    total = 0.0
+    for batch in loader:
+        loss = all_reduce_sum(parallel(**to_device(batch, device)).loss.detach().float())
+        total += loss.item() / world
+    return total / max(len(loader), 1)
+
+
+# --------------------------------------------------------------- evaluation
+def extract_answer(text):
+    return text.split("#")[-1].replace(",", "").strip()
+
+
+def extract_cot(text):
+    return "\n".join(text.split("\n")[1:]).split("#")[0].strip()
+
+
+def shard_batches(dataset, batch_size, rank, world):
+    """Every sample exactly once over all ranks (rank r takes r, r+world, ...),
+    and every rank the same number of batches (short ranks get None)."""
+    indices = list(range(rank, len(dataset), world))
+    per_rank = -(-len(dataset) // world)
+    n_batches = -(-per_rank // batch_size)
+    batches = [indices[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
+    return [b if b else None for b in batches]
+
+
+@torch.no_grad()
+def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank, world, device, max_new_tokens):
+    """Greedy generation on every validation sample; returns (accuracy, CoT
+    match) over all ranks."""
+    generator = parallel.module if hasattr(parallel, "module") else parallel
+    sharded = is_sharded(parallel)
+    if not isinstance(generator, Coconut):
+        # a plain LM decodes through the same greedy loop (no latents to fill)
+        generator = Coconut(generator, *(-1,) * 3, tokenizer.eos_token_id)
+    generator.eval()
+    batches = shard_batches(dataset, configs.batch_size_eval, rank, world)
+    correct = torch.zeros(3, dtype=torch.long, device=device)  # answer, CoT, total
+    printed = 0
+    pbar = tqdm(total=len(batches), desc="Test Accuracy", disable=not is_main_process(), dynamic_ncols=True)
+    with parallel_unsharded(parallel) if sharded else nullcontext():
+        for indices in batches:
+            dummy = indices is None  # keeps model calls equal across ranks
+            batch = collator([dataset[i] for i in (indices or [0])])
+            outputs = generator.generate(
+                batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                max_new_tokens=max_new_tokens, synced_gpus=sharded,
+            )
+            outputs = list(outputs) if batch["input_ids"].shape[0] > 1 else [outputs[0]]
+            for sample_idx, output in zip(batch["idx"].tolist(), outputs):
+                if dummy:
+                    break
+                sample = raw_samples[sample_idx]
+                text = tokenizer.decode(output, skip_special_tokens=True)
+                answer = sample["answer"].replace(",", "").strip()
+                correct[0] += extract_answer(text) == answer
+                correct[1] += extract_cot(text) == "\n".join(sample["steps"])
+                correct[2] += 1
+                if printed < 5 and rank == 0:
+                    printed += 1
+                    print(f"Question {sample_idx}: Answer = '{answer}' CoT = '{chr(10).join(sample['steps'])}'")
+                    print(f"Full output: '{tokenizer.decode(output)}'")
+                    print(f"Extracted Output: '{extract_answer(text)}'", flush=True)
+            pbar.update(1)
+            pbar.set_description(f"Test accuracy: {float(correct[0]) / max(int(correct[2]), 1):.2f}")
+    pbar.close()
+    print(f"Device {rank}: Cor={int(correct[0])}, CoT={int(correct[1])}, Total={int(correct[2])}", flush=True)
+    cor, cor_cot, total = all_reduce_sum(correct).tolist()
+    print0(f"Accuracy on validation set: {cor} / {total} = {cor / total}")
+    print0(f"CoT match on validation set: {cor_cot} / {total} = {cor_cot / total}")
+    return cor / total, cor_cot / total
+
+
+class parallel_unsharded:
+    """Keeps the root shard unit gathered while generating: generation calls
+    the embedding directly, outside the root module's forward hooks."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.module.unshard()
+
+    def __exit__(self, *exc):
+        self.module.reshard()
+
+
+# --------------------------------------------------------------------- main
+def load_data(configs):
+    """Read and check the data files before anything is built or written."""
+    raw_val = load_samples(configs.val_path)
+    if not configs.only_eval:
+        load_samples(configs.train_path)
+    return raw_val
+
+
+def run(configs, rank, world, device):
+    set_seed(configs.seed)
+    find_resume_checkpoint(configs)
+    raw_val = load_data(configs)
+    model, tokenizer, ids = build_model(configs)
+    parallel = wrap_model(model, configs, world, device)
+    start_id, end_id, latent_id = ids["<|start-latent|>"], ids["<|end-latent|>"], ids["<|latent|>"]
+
+    base_valid = get_dataset(configs.val_path, tokenizer, max_size=32 if configs.debug else 100000000)
+    if not configs.only_eval:
+        base_train = get_dataset(configs.train_path, tokenizer, max_size=5000 if configs.debug else 100000000)
+    max_new_tokens = 64 if "gsm" in configs.val_path else 128
+    markerless = configs.cot or configs.no_cot or configs.no_thoughts
+
+    run_log, log_table = None, None
+    if not configs.debug and not configs.only_eval and rank == 0:
+        import wandb
+
+        run_log = init_wandb(configs)
+        log_table = wandb.Table(columns=["step", "text"])
+
+    optimizer = None if configs.reset_optimizer else build_optimizer(parallel, configs)
+    best_acc = 0.0
+    collator = MyCollator(tokenizer, latent_id=latent_id, label_pad_token_id=-100)
+
+    def loader(dataset):
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(dataset, batch_size=configs.batch_size_training, sampler=sampler, collate_fn=collator)
+
+    for epoch in range(configs.resume, configs.num_epochs):
+        stage = 0 if (configs.cot or configs.no_cot) else epoch // configs.epochs_per_stage
+        gen_set = get_question_latent_dataset(stage, base_valid, configs, start_id, latent_id, end_id, no_special_marker=markerless)
+        if not configs.only_eval:
+            # the order is drawn from (seed, epoch) alone, identical on every rank
+            train_set = get_cot_latent_dataset(
+                stage, base_train, configs, start_id, latent_id, end_id,
+                no_special_marker=markerless, shuffle=True, seed=configs.seed * 100003 + epoch,
+            )
+            loss_set = get_cot_latent_dataset(stage, base_valid, configs, start_id, latent_id, end_id, no_special_marker=markerless)
+            if configs.reset_optimizer:
+                optimizer = build_optimizer(parallel, configs)
+            train_epoch(parallel, optimizer, loader(train_set), configs, epoch, device, run_log, log_table, tokenizer)
+            if not configs.save_only_improve and not configs.debug:
+                save_checkpoint(parallel, configs, epoch)
+            val_loss = validation_loss(parallel, loader(loss_set), world, device)
+            print0(f"eval loss {val_loss}")
+            if run_log is not None:
+                run_log.log({"eval/loss": val_loss})
+
+        acc, cot_em = evaluate(parallel, gen_set, raw_val, collator, tokenizer, configs, rank, world, device, max_new_tokens)
+        if run_log is not None:
+            run_log.log({"eval/acc": acc, "eval/cot_em": cot_em})
+        if configs.only_eval:
+            break
+        if configs.save_only_improve and not configs.debug and acc > best_acc:
+            save_checkpoint(parallel, configs, epoch)
+            best_acc = acc
+    if run_log is not None:
+        run_log.finish()
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Train or evaluate a Coconut model.")
+    parser.add_argument("config_file", help="YAML run config (see args/)")
+    parser.add_argument("overrides", nargs="*", help="key=value pairs that override the config")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        configs = load_config(args.config_file, args.overrides)
+        rank, world, device = init_distributed()
+        print0("Config:", dict(configs))
+        run(configs, rank, world, device)
+    except UserError as e:
+        if is_main_process():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
