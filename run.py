@@ -68,6 +68,8 @@ def find_resume_checkpoint(configs):
     configs.resume = max(epochs)
     configs.load_model_path = os.path.join(save_dir, f"checkpoint_{configs.resume}")
     print0(f"Found a previous run in {save_dir}: resuming from epoch {configs.resume} (the configured `resume` is ignored)")
+    if configs.resume >= configs.num_epochs:
+        print0(f"All {configs.num_epochs} epochs are done already; raise num_epochs to train further")
 
 
 def load_pretrained(model_id):

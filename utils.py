@@ -141,6 +141,8 @@ def check_config(config, source):
     for key in ("batch_size_training", "batch_size_eval", "gradient_accumulation_steps", "epochs_per_stage", "num_epochs"):
         if config[key] < 1:
             raise UserError(f"{source}: key '{key}' must be >= 1")
+    if config.resume >= config.num_epochs:
+        raise UserError(f"{source}: key 'resume' ({config.resume}) must be below num_epochs ({config.num_epochs}): no epoch would run")
     if not 0.0 <= config.uniform_prob <= 1.0:
         raise UserError(f"{source}: key 'uniform_prob' must be between 0 and 1")
     if not config.only_eval and config.train_path == "None":

@@ -1,0 +1,265 @@
+"""run.py end to end on a tiny GPT-2: a Coconut run over several stages (one
+process and two under torchrun with gloo), resume from the newest checkpoint,
+evaluation-only runs, the checkpoint-loading cases, and bad input on the
+command line.
+
+python -m pytest -q tests/test_run.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, make_samples
+
+import run as cli
+from utils import UserError, load_config
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, model_dirs):
+    root = tmp_path_factory.mktemp("run")
+    (root / "train.json").write_text(json.dumps(make_samples(24, seed=1)))
+    (root / "valid.json").write_text(json.dumps(make_samples(5, seed=2)))
+    return root, model_dirs["gpt2"]
+
+
+def write_config(root, model_dir, name, **kw):
+    values = dict(
+        project="coconut-test", save_path=str(root / "runs"), name=name, coconut=True, c_thought=1,
+        epochs_per_stage=1, max_latent_stage=2, pad_latent_to_max=True, model_id=model_dir,
+        train_path=str(root / "train.json"), val_path=str(root / "valid.json"), reset_optimizer=True,
+        batch_size_training=8, num_epochs=3, lr=1e-3,
+    )
+    values.update(kw)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def cli_env(tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    # no login: the run must log offline and say so, never wait for one
+    env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_cli(args, tmp_path, torchrun=False, **env):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
+    return subprocess.run(launcher + [os.path.join(REPO, "run.py")] + args, capture_output=True, text=True,
+                          env=cli_env(tmp_path, **env), cwd=tmp_path, timeout=600)
+
+
+def checkpoints(root, name):
+    folder = root / "runs" / name
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def test_coconut_run_resume_and_eval(workspace, tmp_path):
+    root, model_dir = workspace
+    config = write_config(root, model_dir, "single")
+    done = run_cli([config], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert checkpoints(root, "single") == ["checkpoint_1", "checkpoint_2", "checkpoint_3"]
+    assert "wandb: no login found, logging offline" in done.stdout
+    assert done.stdout.count("Accuracy on validation set: ") == 3 and "/ 5 = " in done.stdout
+    state = torch.load(root / "runs" / "single" / "checkpoint_3", weights_only=True)
+    assert all(k.startswith(("base_causallm.", "embedding.")) for k in state)
+
+    # a restart with the same folder picks up the newest checkpoint
+    resumed = run_cli([config, "num_epochs=4"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from epoch 3" in resumed.stdout
+    assert "Training Epoch: 4" in resumed.stderr and "Training Epoch: 3" not in resumed.stderr
+    assert checkpoints(root, "single")[-1] == "checkpoint_4"
+
+    evaluated = run_cli(
+        [config, "only_eval=true", "name=single-eval", f"load_model_path={root / 'runs' / 'single' / 'checkpoint_4'}", "resume=3", "num_epochs=4"],
+        tmp_path,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert evaluated.stdout.count("Accuracy on validation set: ") == 1
+    assert "Training Epoch" not in evaluated.stderr and checkpoints(root, "single-eval") == []
+
+
+def test_two_processes_with_torchrun(workspace, tmp_path):
+    root, model_dir = workspace
+    config = write_config(root, model_dir, "pair", num_epochs=2)
+    done = run_cli([config], tmp_path, torchrun=True, WANDB_MODE="disabled")
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    assert checkpoints(root, "pair") == ["checkpoint_1", "checkpoint_2"]
+    # 5 validation samples over 2 ranks: 3 + 2, every sample counted once
+    assert "Device 0: Cor=0, CoT=0, Total=3" in done.stdout.replace("Cor=1", "Cor=0")
+    assert "Total=2" in done.stdout and "Accuracy on validation set: " in done.stdout and " / 5 = " in done.stdout
+    # the sharded run saves whole tensors in the reference key format
+    state = torch.load(root / "runs" / "pair" / "checkpoint_2", weights_only=True)
+    expected, _, _ = cli.build_model(load_config(config))
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in expected.state_dict().items()}
+
+    evaluated = run_cli([config, "only_eval=true", "name=pair-eval", f"load_model_path={root / 'runs' / 'pair' / 'checkpoint_2'}"],
+                        tmp_path, torchrun=True, WANDB_MODE="disabled")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "/ 5 = " in evaluated.stdout
+
+
+# ------------------------------------------------------------ bad input, CLI
+BAD_INPUTS = [
+    ({"num_epoch": 2}, "unknown key 'num_epoch' (did you mean 'num_epochs'?)"),
+    ({"num_epochs": "two"}, "key 'num_epochs' must be int"),
+    ({"model_id": "/nonexistent/model"}, "model_id '/nonexistent/model': cannot load"),
+    ({"load_model_path": "/nonexistent/ckpt"}, "load_model_path '/nonexistent/ckpt': no such checkpoint file"),
+    ({"train_path": "/nonexistent/train.json"}, "/nonexistent/train.json: data file not found"),
+    ({"val_path": "BAD_SAMPLE"}, "sample 1: missing key 'steps'"),
+    ({"val_path": "EMPTY"}, "holds no samples"),
+    ({"cot": True}, "keys coconut and cot are both set"),
+    ({"resume": 3}, "key 'resume' (3) must be below num_epochs (3)"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_INPUTS)
+def test_bad_input_one_line_no_traceback_nothing_written(change, message, workspace, tmp_path):
+    root, model_dir = workspace
+    change = dict(change)
+    if change.get("val_path") == "BAD_SAMPLE":
+        (tmp_path / "bad.json").write_text(json.dumps([{"question": "q", "answer": "a", "steps": []}, {"question": "q", "answer": "a"}]))
+        change["val_path"] = str(tmp_path / "bad.json")
+    if change.get("val_path") == "EMPTY":
+        (tmp_path / "empty.json").write_text("[]")
+        change["val_path"] = str(tmp_path / "empty.json")
+    paths = dict(train_path=str(root / "train.json"), val_path=str(root / "valid.json"))
+    config = write_config(tmp_path, model_dir, "bad", **{**paths, **change})
+    done = run_cli([config], tmp_path, WANDB_MODE="disabled")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "wandb").exists()
+
+
+def test_missing_config_file(tmp_path):
+    done = run_cli([str(tmp_path / "none.yaml")], tmp_path)
+    assert done.returncode == 2 and "config file not found" in done.stderr and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------ in-process set-up
+def config_for(workspace, folder, name, **kw):
+    """A loaded config written in `folder`, reading the workspace's data."""
+    root, model_dir = workspace
+    paths = dict(train_path=str(root / "train.json"), val_path=str(root / "valid.json"), save_path=str(folder / "runs"))
+    return load_config(write_config(folder, model_dir, name, **{**paths, **kw}))
+
+
+def test_checkpoint_loading_cases(workspace, tmp_path):
+    root, model_dir = workspace
+    # a CoT-style (plain) checkpoint: keys without base_causallm.
+    plain_config = config_for(workspace, tmp_path, "plain", coconut=False, cot=True)
+    plain, _, _ = cli.build_model(plain_config)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.5)
+    plain_path = tmp_path / "plain.pt"
+    torch.save(plain.state_dict(), plain_path)
+
+    # 1. Coconut run from a plain checkpoint: loaded into the plain model, before the resize
+    coconut, tokenizer, ids = cli.build_model(config_for(workspace, tmp_path, "c1", load_model_path=str(plain_path)))
+    wte = coconut.base_causallm.get_input_embeddings().weight
+    n_old = plain.get_input_embeddings().weight.shape[0]
+    torch.testing.assert_close(wte[:n_old], plain.get_input_embeddings().weight)
+    lt = tokenizer.convert_tokens_to_ids("<<")
+    for token_id in ids.values():  # new rows copied from `<<`, in the input and output tables
+        torch.testing.assert_close(wte[token_id], wte[lt])
+        torch.testing.assert_close(coconut.base_causallm.get_output_embeddings().weight[token_id], wte[lt])
+
+    # 3. Coconut run from a Coconut checkpoint: loaded into the wrapper
+    coconut_path = tmp_path / "coconut.pt"
+    torch.save(coconut.state_dict(), coconut_path)
+    again, _, _ = cli.build_model(config_for(workspace, tmp_path, "c3", load_model_path=str(coconut_path)))
+    for (name, a), b in zip(again.state_dict().items(), coconut.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+    # 2. non-Coconut run from a Coconut checkpoint: refused
+    with pytest.raises(UserError, match="holds Coconut weights"):
+        cli.build_model(config_for(workspace, tmp_path, "c2", coconut=False, cot=True, load_model_path=str(coconut_path)))
+
+    # 4. non-Coconut run from a plain checkpoint, and no_thoughts turning Coconut off
+    loaded, tok4, _ = cli.build_model(config_for(workspace, tmp_path, "c4", coconut=False, cot=True, load_model_path=str(plain_path)))
+    torch.testing.assert_close(loaded.get_input_embeddings().weight, plain.get_input_embeddings().weight)
+    nt_config = config_for(workspace, tmp_path, "nt", coconut=False, no_thoughts=True, c_thought=2)
+    model, _, _ = cli.build_model(nt_config)
+    assert nt_config.c_thought == 0 and not nt_config.coconut and not isinstance(model, cli.Coconut)
+
+
+class Recorder:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, values):
+        self.logged.append(values)
+
+    def finish(self):
+        pass
+
+
+def test_logging_save_only_improve_and_optimizer_resets(workspace, tmp_path, monkeypatch):
+    root, model_dir = workspace
+    recorder = Recorder()
+    monkeypatch.setattr(cli, "init_wandb", lambda configs: recorder)
+    accuracies = iter([0.2, 0.1, 0.4])
+    monkeypatch.setattr(cli, "evaluate", lambda *a, **k: (next(accuracies), 0.0))
+    built = []
+    real_build = cli.build_optimizer
+    monkeypatch.setattr(cli, "build_optimizer", lambda *a: built.append(1) or real_build(*a))
+
+    configs = config_for(workspace, tmp_path, "improve", save_only_improve=True)
+    cli.run(configs, 0, 1, torch.device("cpu"))
+    assert sorted(os.listdir(tmp_path / "runs" / "improve")) == ["checkpoint_1", "checkpoint_3"]
+    assert len(built) == 3  # reset_optimizer: a fresh AdamW every epoch
+    keys = set().union(*recorder.logged)
+    assert {"train/epoch", "train/step", "train/loss", "eval/loss", "eval/acc", "eval/cot_em", "data_table"} <= keys
+    steps = [d["train/step"] for d in recorder.logged if "train/step" in d]
+    assert steps == list(range(len(steps)))
+
+    built.clear()
+    accuracies = iter([0.0, 0.0])
+    configs = config_for(workspace, tmp_path, "keep", reset_optimizer=False, debug=True, num_epochs=2)
+    cli.run(configs, 0, 1, torch.device("cpu"))
+    assert len(built) == 1 and not (tmp_path / "runs" / "keep").exists()  # debug: no checkpoints
+
+
+def test_gradient_accumulation_steps_and_scaling():
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, **_):
+            return SimpleNamespace(loss=(self.w * input_ids.float()).sum())
+
+    class CountingOptimizer:
+        def __init__(self, param):
+            self.param, self.grads = param, []
+
+        def step(self):
+            self.grads.append(self.param.grad.clone())
+
+        def zero_grad(self):
+            self.param.grad = None
+
+    toy = Toy()
+    optimizer = CountingOptimizer(toy.w)
+    batches = [{"input_ids": torch.tensor([[float(i)]]), "labels": torch.tensor([[0]]), "idx": torch.tensor([i])} for i in range(1, 6)]
+    configs = type("C", (), {"gradient_accumulation_steps": 2, "num_epochs": 1})()
+    cli.train_epoch(toy, optimizer, batches, configs, 0, torch.device("cpu"), None, None, None)
+    # steps after batches 2, 4 and the last (5); each gradient is the sum over its batches / 2
+    assert [float(g) for g in optimizer.grads] == [1.5, 3.5, 2.5]
+
+
+def test_bf16_casts_the_model(workspace, tmp_path):
+    root, model_dir = workspace
+    model, _, _ = cli.build_model(config_for(workspace, tmp_path, "bf", bf16=True))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
