@@ -122,6 +122,7 @@ class Coconut(nn.Module):
         max_new_tokens=16,
         output_embedding=False,
         synced_gpus=False,
+        rank_max=None,
         **kwargs,
     ):
         """Greedy decoding with a KV cache.
@@ -130,27 +131,43 @@ class Coconut(nn.Module):
         one row, returns a (1, L) tensor: prompt ids then new ids, as the
         reference. With several rows, returns a list of 1-D tensors, each the
         row's unpadded prompt then its new ids, equal to what that row gets
-        alone. `synced_gpus` pads the number of model calls to
-        max_new_tokens + MAX_N_LATENT so every rank makes the same number.
+        alone. `synced_gpus` keeps the number of model calls equal on every
+        rank (sharded parameters are gathered in each call): by padding to
+        max_new_tokens + MAX_N_LATENT calls as the reference, or, when
+        `rank_max` (int -> max of it over all ranks) is given, by stopping
+        all ranks together as soon as every rank is done.
         """
         self.gen_forward_cnt = 0
         attention_mask = attention_mask.to(input_ids.device)
         position_ids = positions_from_mask(attention_mask)
         logits, prompt_embeds, cache = self._continuous_forward(input_ids, attention_mask, position_ids)
+        synced = rank_max if synced_gpus and rank_max is not None else None
+        if synced:
+            # pad the latent passes up to the most any rank makes, so the
+            # per-token agreement below happens at the same call on all ranks
+            for _ in range(synced(self.gen_forward_cnt) - self.gen_forward_cnt):
+                self._idle_call(input_ids[:, :1])
 
-        n_rows, width = input_ids.shape
-        columns = torch.arange(width, device=input_ids.device)
-        last_column = (columns * (attention_mask != 0)).argmax(dim=1)
-        rows = torch.arange(n_rows, device=input_ids.device)
-        next_tokens = logits[rows, last_column].argmax(dim=-1)
-        next_positions = position_ids[rows, last_column] + 1
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        last_column = (torch.arange(input_ids.shape[1], device=input_ids.device) * (attention_mask != 0)).argmax(dim=1)
+        first = logits[rows, last_column].argmax(dim=-1)  # always kept
+        new_tokens, kept = self._decode(first, position_ids[rows, last_column] + 1, attention_mask, cache, max_new_tokens, synced)
+        if synced_gpus and not synced:
+            while self.gen_forward_cnt < max_new_tokens + MAX_N_LATENT:
+                self._idle_call(input_ids[:, :1])
+        return self._assemble(input_ids, attention_mask, prompt_embeds, new_tokens, kept, output_embedding)
 
-        new_tokens = [next_tokens]  # the first new token is always kept
-        alive = torch.ones(n_rows, dtype=torch.bool, device=input_ids.device)
-        kept = torch.ones(n_rows, dtype=torch.long, device=input_ids.device)
-        mask = attention_mask
+    def _decode(self, next_tokens, next_positions, mask, cache, max_new_tokens, synced):
+        """One token per call for every row; a row stops at its first eos
+        (not kept). Returns the new tokens (B, n) on the CPU and the count
+        each row keeps."""
+        n_rows = next_tokens.shape[0]
+        new_tokens = [next_tokens]
+        alive = torch.ones(n_rows, dtype=torch.bool, device=next_tokens.device)
+        kept = torch.ones(n_rows, dtype=torch.long, device=next_tokens.device)
         for _ in range(max_new_tokens - 1):
-            if not bool(alive.any()):  # host sync, once per token
+            any_alive = int(alive.any())  # host sync, once per token
+            if (synced(any_alive) if synced else any_alive) == 0:
                 break
             mask = torch.cat([mask, mask.new_ones(n_rows, 1)], dim=1)
             outputs = self.base_causallm(
@@ -166,23 +183,23 @@ class Coconut(nn.Module):
             alive = alive & (next_tokens != self.eos_token_id)
             kept = kept + alive.long()
             new_tokens.append(next_tokens)
+        return torch.stack(new_tokens, dim=1).cpu(), kept.cpu()
 
-        if synced_gpus:
-            probe = self.embedding(next_tokens[:, None])
-            while self.gen_forward_cnt < max_new_tokens + MAX_N_LATENT:
-                self.gen_forward_cnt += 1
-                self.base_causallm(inputs_embeds=probe)
+    def _idle_call(self, input_ids):
+        """A model call whose result is unused: keeps collectives in step."""
+        self.gen_forward_cnt += 1
+        self.base_causallm(inputs_embeds=self.embedding(input_ids))
 
-        new_tokens = torch.stack(new_tokens, dim=1).cpu()
+    def _assemble(self, input_ids, attention_mask, prompt_embeds, new_tokens, kept, output_embedding):
         results, embeds = [], []
         real = attention_mask.bool()
-        for row in range(n_rows):  # assembling outputs, not model work
+        for row in range(input_ids.shape[0]):  # assembling outputs, not model work
             generated = new_tokens[row, : int(kept[row])]
             results.append(torch.cat([input_ids[row][real[row]].cpu(), generated]))
             if output_embedding:
                 gen_embeds = self.embedding(generated.to(input_ids.device))
                 embeds.append(torch.cat([prompt_embeds[row][real[row]], gen_embeds]))
-        if n_rows == 1:
+        if input_ids.shape[0] == 1:
             results = results[0].view(1, -1)
             embeds = embeds[0].unsqueeze(0) if output_embedding else None
         return (results, embeds) if output_embedding else results

@@ -49,6 +49,15 @@ def barrier():
         dist.barrier()
 
 
+def all_reduce_max(value):
+    """An int's maximum over all ranks (a collective: call it on every rank)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def all_reduce_sum(tensor):
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -312,9 +321,10 @@ def shard_batches(dataset, batch_size, rank, world):
 
 
 @torch.no_grad()
-def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank, world, device, max_new_tokens):
+def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank, world, device, max_new_tokens, records=None):
     """Greedy generation on every validation sample; returns (accuracy, CoT
-    match) over all ranks."""
+    match) over all ranks. `records`, if a list, receives this rank's
+    (sample index, decoded output) pairs."""
     generator = parallel.module if hasattr(parallel, "module") else parallel
     sharded = is_sharded(parallel)
     if not isinstance(generator, Coconut):
@@ -331,7 +341,7 @@ def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank,
             batch = collator([dataset[i] for i in (indices or [0])])
             outputs = generator.generate(
                 batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens, synced_gpus=sharded,
+                max_new_tokens=max_new_tokens, synced_gpus=sharded, rank_max=all_reduce_max,
             )
             outputs = list(outputs) if batch["input_ids"].shape[0] > 1 else [outputs[0]]
             for sample_idx, output in zip(batch["idx"].tolist(), outputs):
@@ -339,6 +349,8 @@ def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank,
                     break
                 sample = raw_samples[sample_idx]
                 text = tokenizer.decode(output, skip_special_tokens=True)
+                if records is not None:
+                    records.append((sample_idx, text))
                 answer = sample["answer"].replace(",", "").strip()
                 correct[0] += extract_answer(text) == answer
                 correct[1] += extract_cot(text) == "\n".join(sample["steps"])

@@ -201,3 +201,28 @@ def test_generate_synced_call_count_and_embeddings(model_dirs, data_dir):
     latent_rows = batch["input_ids"][0] == ids[1]
     assert latent_rows.any()
     assert not torch.allclose(embeds[0, : n_prompt][latent_rows], model.get_input_embeddings()(batch["input_ids"][0][latent_rows]))
+
+
+def test_synced_generation_stops_when_every_rank_is_done(model_dirs, data_dir):
+    tokenizer, model, ids = setup_model(model_dirs["gpt2"])
+    collator = MyCollator(tokenizer, latent_id=ids[1])
+    prompt = next(p for p in eval_prompts(tokenizer, ids, data_dir, stage=2) if p["input_ids"].count(ids[1]) == 2)
+    batch = collator([prompt])
+    coconut = Coconut(model, ids[1], ids[0], ids[2], tokenizer.eos_token_id)
+    free = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12)
+    n_prompt = batch["input_ids"].shape[1]
+    coconut.eos_token_id = int(free[0, n_prompt + 1])  # this rank stops after one decoding call
+    alone = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12)
+    assert coconut.gen_forward_cnt == 3 + 1  # 2 latents: 3 passes, then one call meets eos
+
+    asked = []
+
+    def rank_max(value):
+        """Another rank with 4 latents (5 passes) that stays alive for 3 more tokens."""
+        asked.append(value)
+        other = 5 if len(asked) == 1 else int(len(asked) <= 4)
+        return max(value, other)
+
+    synced = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12, synced_gpus=True, rank_max=rank_max)
+    assert torch.equal(synced, alone)
+    assert asked[0] == 3 and coconut.gen_forward_cnt == 5 + 3  # stopped with the other rank, not at 12 + MAX_N_LATENT

@@ -263,3 +263,34 @@ def test_bf16_casts_the_model(workspace, tmp_path):
     root, model_dir = workspace
     model, _, _ = cli.build_model(config_for(workspace, tmp_path, "bf", bf16=True))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("method", [dict(pad_latent_to_max=False), dict(coconut=False, cot=True)])
+def test_batched_evaluation_equals_batch_size_one(method, workspace, tmp_path):
+    """Same decoded output for every sample, hence the same accuracy and CoT
+    match, at batch size 1 and 4 (rows of different lengths and latent counts)."""
+    from dataset import MyCollator, get_dataset, get_question_latent_dataset, load_samples
+
+    configs = config_for(workspace, tmp_path, "batched", max_latent_stage=3, **method)
+    model, tokenizer, ids = cli.build_model(configs)
+    with torch.no_grad():  # untrained, the three new rows tie exactly with `<<`; break the ties
+        torch.manual_seed(0)
+        plain = cli.plain_model(model)
+        for table in {plain.get_output_embeddings().weight, plain.get_input_embeddings().weight} if not configs.cot else ():
+            table[list(ids.values())] += 0.05 * torch.randn(3, table.shape[1])
+    raw = load_samples(configs.val_path)
+    base = get_dataset(configs.val_path, tokenizer)
+    stage = 0 if configs.cot else 2
+    prompts = get_question_latent_dataset(stage, base, configs, ids["<|start-latent|>"], ids["<|latent|>"], ids["<|end-latent|>"],
+                                          no_special_marker=bool(configs.cot))
+    collator = MyCollator(tokenizer, latent_id=ids["<|latent|>"])
+    results = {}
+    for batch_size in (1, 4):
+        configs.batch_size_eval = batch_size
+        records = []
+        scores = cli.evaluate(model, prompts, raw, collator, tokenizer, configs, 0, 1, torch.device("cpu"), 24, records=records)
+        results[batch_size] = (scores, records)
+    assert results[1] == results[4]
+    assert [i for i, _ in results[1][1]] == list(range(len(raw)))
+    if not configs.cot:
+        assert len({p["input_ids"].count(ids["<|latent|>"]) for p in prompts}) > 1

@@ -1,0 +1,90 @@
+"""GSM8K (implicit-CoT augmented set) -> project JSON format.
+
+Owns the conversion of one raw split, one example a line:
+    question||step1 step2 ... #### answer
+into a JSON list of {"question": str, "steps": [str], "answer": str}.
+
+Usage: python preprocessing/gsm_icot.py SPLIT [--src FILE] [--out FILE]
+(defaults: data/raw/gsm_SPLIT.txt -> data/gsm_SPLIT.json).
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+
+class ConvertError(Exception):
+    """Bad input; main() prints it as one line instead of a traceback."""
+
+
+def parse_gsm_line(line):
+    """Parse one raw line into a sample dict; raises ValueError if malformed."""
+    line = line.rstrip("\r\n")
+    if "||" not in line:
+        raise ValueError("missing '||' between question and steps")
+    question, _, rest = line.partition("||")
+    if "##" not in rest:
+        raise ValueError("missing '####' before the answer")
+    steps = rest.split("##")[0].strip()
+    # The answer is after the LAST '##' so '####' (and any stray '##') is skipped.
+    answer = rest.rsplit("##", 1)[1].strip()
+    # split on single spaces exactly as the reference converter: a line with
+    # no steps gives [""], and the question keeps its own spacing
+    return {"question": question, "steps": steps.split(" "), "answer": answer}
+
+
+def write_json_atomic(data, out):
+    """Write to a temp file beside `out`, then rename, so a failed run never
+    leaves a half-written data file behind."""
+    folder = os.path.dirname(out) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(out) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, ensure_ascii=False)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def convert_gsm(src, out):
+    """Convert the whole file `src` and write `out`; returns the sample count.
+    Nothing is written unless every line parses."""
+    try:
+        with open(src, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{src}: cannot read: {e.strerror if isinstance(e, OSError) else e}") from None
+    samples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            samples.append(parse_gsm_line(line))
+        except ValueError as e:
+            raise ConvertError(f"{src}:{number}: {e}") from None
+    write_json_atomic(samples, out)
+    return len(samples)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("split", help="split name, e.g. train, valid or test")
+    parser.add_argument("--src", help="raw file (default: data/raw/gsm_SPLIT.txt)")
+    parser.add_argument("--out", help="output JSON (default: data/gsm_SPLIT.json)")
+    args = parser.parse_args(argv)
+    src = args.src or f"data/raw/gsm_{args.split}.txt"
+    out = args.out or f"data/gsm_{args.split}.json"
+    try:
+        n = convert_gsm(src, out)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{out}: {n} samples")
+
+
+if __name__ == "__main__":
+    main()
