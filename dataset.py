@@ -5,8 +5,11 @@ Never imports the model. Samples are plain dicts of Python int lists; a
 dataset is a list of them behind the torch Dataset interface.
 """
 
+import hashlib
 import itertools
 import json
+import os
+import pickle
 import random
 
 import torch
@@ -67,13 +70,19 @@ def sample_problem(sample):
 
 def get_dataset(path, tokenizer, max_size=1000000000):
     """Tokenise a data file: question (+ "\\n", special tokens), each step
-    (+ "\\n"), answer ("### " + answer, then eos), and the sample index."""
+    (+ "\\n"), answer ("### " + answer, then eos), and the sample index.
+    The token ids are kept in an on-disk cache keyed by the file and the
+    tokenizer, so a restart (or every rank of a launch) tokenises once."""
     data = load_samples(path)[:max_size]
-    plain = dict(add_special_tokens=False)
-    questions = tokenizer([d["question"] + "\n" for d in data])["input_ids"]
-    answers = tokenizer(["### " + d["answer"] for d in data], **plain)["input_ids"]
-    all_steps = [s + "\n" for d in data for s in d["steps"]]
-    flat_steps = tokenizer(all_steps, **plain)["input_ids"] if all_steps else []
+    cache = cache_path(path, tokenizer, len(data))
+    tokens = cached = read_cache(cache)
+    if tokens is None:
+        tokens = (
+            encode_all(tokenizer, [d["question"] + "\n" for d in data], special=True),
+            encode_all(tokenizer, ["### " + d["answer"] for d in data], special=False),
+            encode_all(tokenizer, [s + "\n" for d in data for s in d["steps"]], special=False),
+        )
+    questions, answers, flat_steps = tokens
     bounds = list(itertools.accumulate([len(d["steps"]) for d in data], initial=0))
     eos = tokenizer.eos_token_id
     samples = [
@@ -86,7 +95,59 @@ def get_dataset(path, tokenizer, max_size=1000000000):
         for i in range(len(data))
     ]
     check_token_boundaries(path, data[0], samples[0], tokenizer)
+    if cached is None:
+        write_cache(cache, tokens)
     return SampleList(samples)
+
+
+def cache_path(path, tokenizer, n_samples):
+    """Cache file for this data file's content and this exact tokenizer
+    (its whole serialised form, added tokens included); None when caching
+    is off (COCONUT_CACHE=off) or the tokenizer cannot be fingerprinted."""
+    root = os.environ.get("COCONUT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "coconut"))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if root == "off" or backend is None:
+        return None
+    stat = os.stat(path)
+    key = hashlib.sha256()
+    for part in (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, n_samples, backend.to_str()):
+        key.update(str(part).encode() + b"\0")
+    return os.path.join(root, "tokens-" + key.hexdigest()[:32] + ".pkl")
+
+
+def read_cache(cache):
+    if cache is None or not os.path.exists(cache):
+        return None
+    try:
+        with open(cache, "rb") as f:
+            return pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return None  # unreadable: tokenise again
+
+
+def write_cache(cache, tokens):
+    if cache is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        temporary = f"{cache}.{os.getpid()}.tmp"  # ranks may race: each renames its own file
+        with open(temporary, "wb") as f:
+            pickle.dump(tokens, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(temporary, cache)
+    except OSError:
+        pass  # a read-only home only costs the next run a re-tokenisation
+
+
+def encode_all(tokenizer, texts, special):
+    """Token ids of many texts in one batched call. A fast tokenizer's Rust
+    backend is called directly: the same ids, without building the
+    BatchEncoding that costs most of the time for GSM8K's 1.3M steps."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
+    return tokenizer(texts, add_special_tokens=special)["input_ids"]
 
 
 def check_token_boundaries(path, raw, sample, tokenizer):
@@ -153,35 +214,56 @@ def get_cot_latent_dataset(
 ):
     """Training / validation-loss sequences at a stage (SPEC section 3).
 
-    `seed` (an extension) makes the uniform_prob draws and the shuffle depend
-    on it alone; None draws from the global `random` state as the reference.
+    Building a stage only decides, per sample, how many steps are removed and
+    how many latent tokens replace them; the sequences are laid out when the
+    loader reads them. `seed` (an extension) makes the uniform_prob draws and
+    the shuffle depend on it alone; None draws from the global `random`
+    state as the reference.
     """
     rng = random.Random(seed) if seed is not None else random
-    n_markers = 0 if no_special_marker else 2
-
-    def sequence(sample):
+    cap, pad, c_thought = configs.max_latent_stage, configs.pad_latent_to_max, configs.c_thought
+    plans = []
+    for position, sample in enumerate(base_dataset):
         n_steps = len(sample["steps_tokenized"])
         stage = scheduled_stage
         if configs.uniform_prob and rng.random() < configs.uniform_prob:
             stage = rng.choice(range(n_steps + 1))
-        if stage > configs.max_latent_stage:
-            n_skip = n_steps
-            n_slots = configs.max_latent_stage if configs.pad_latent_to_max else min(n_steps, configs.max_latent_stage)
-        else:
-            n_skip, n_slots = stage, stage  # deliberately not capped at n_steps
         if configs.no_cot:
             n_skip, n_slots = n_steps, 0
-        n_latent = n_slots * configs.c_thought
-        question = sample["question_tokenized"]
-        prompt = _sequence(question, n_latent, not no_special_marker, start_id, latent_id, end_id)
-        rest = list(itertools.chain.from_iterable(sample["steps_tokenized"][n_skip:])) + sample["answer_tokenized"]
-        labels = [-100] * (len(question) + n_latent + n_markers) + rest
-        return _with_masks(sample, prompt + rest, labels=labels)
-
-    samples = [sequence(s) for s in base_dataset]
+        elif stage > cap:
+            n_skip, n_slots = n_steps, (cap if pad else min(n_steps, cap))
+        else:
+            n_skip, n_slots = stage, stage  # deliberately not capped at n_steps
+        plans.append((position, n_skip, n_slots * c_thought))
     if shuffle:
-        rng.shuffle(samples)
-    return SampleList(samples)
+        rng.shuffle(plans)
+    markers = None if no_special_marker else (start_id, end_id)
+    return StageSamples(base_dataset, plans, latent_id, markers)
+
+
+class StageSamples(torch.utils.data.Dataset):
+    """A stage's training sequences, each laid out when read from a plan
+    (base position, steps removed, latent tokens)."""
+
+    def __init__(self, base, plans, latent_id, markers):
+        self.base, self.plans, self.latent_id, self.markers = base, plans, latent_id, markers
+
+    def __len__(self):
+        return len(self.plans)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, index):
+        position, n_skip, n_latent = self.plans[index]
+        sample = self.base[position]
+        question = sample["question_tokenized"]
+        if self.markers:
+            prompt = question + [self.markers[0]] + [self.latent_id] * n_latent + [self.markers[1]]
+        else:
+            prompt = question + [self.latent_id] * n_latent
+        rest = list(itertools.chain.from_iterable(sample["steps_tokenized"][n_skip:])) + sample["answer_tokenized"]
+        return _with_masks(sample, prompt + rest, labels=[-100] * len(prompt) + rest)
 
 
 class MyCollator:
@@ -205,15 +287,16 @@ class MyCollator:
         latest = max((c for c in firsts if c is not None), default=None)
         shifts = [0 if c is None else latest - c for c in firsts]
         width = max(s + len(f["input_ids"]) for s, f in zip(shifts, features))
-        pad_id = self.tokenizer.pad_token_id
-        fields = {"input_ids": pad_id, "attention_mask": 0, "position_ids": 0}
+        fills = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "position_ids": 0}
         if "labels" in features[0]:
-            fields["labels"] = self.label_pad_token_id
-        batch = {k: torch.full((len(features), width), v, dtype=torch.long) for k, v in fields.items()}
-        for row, (shift, f) in enumerate(zip(shifts, features)):
-            n = len(f["input_ids"])
-            for key in fields:
-                value = f[key] if key != "position_ids" else range(n)
-                batch[key][row, shift : shift + n] = torch.as_tensor(value, dtype=torch.long)
+            fills["labels"] = self.label_pad_token_id
+        batch = {}
+        for key, fill in fills.items():
+            rows = []
+            for shift, f in zip(shifts, features):
+                n = len(f["input_ids"])
+                values = f[key] if key != "position_ids" else range(n)
+                rows.append([fill] * shift + list(values) + [fill] * (width - shift - n))
+            batch[key] = torch.tensor(rows, dtype=torch.long)  # one conversion per field
         batch["idx"] = torch.tensor([f["idx"] for f in features], dtype=torch.long)
         return batch

@@ -422,7 +422,11 @@ def run(configs, rank, world, device):
         from torch.utils.data import DataLoader, DistributedSampler
 
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(dataset, batch_size=configs.batch_size_training, sampler=sampler, collate_fn=collator)
+        # on a GPU one worker lays out and pads the next batches during the step;
+        # on a CPU it would only take a core from the model
+        workers = 1 if device.type == "cuda" else 0
+        return DataLoader(dataset, batch_size=configs.batch_size_training, sampler=sampler, collate_fn=collator,
+                          num_workers=workers, pin_memory=workers > 0)
 
     for epoch in range(configs.resume, configs.num_epochs):
         stage = 0 if (configs.cot or configs.no_cot) else epoch // configs.epochs_per_stage

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 
 import pytest
 
@@ -17,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("COCONUT_CACHE", tempfile.mkdtemp(prefix="coconut-cache-"))
 
 EOS = "<|endoftext|>"
 BOS = "<s>"

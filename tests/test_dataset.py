@@ -4,6 +4,7 @@ python -m pytest -q tests/test_dataset.py
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -207,3 +208,39 @@ def test_collator_without_latents_or_labels():
     batch = MyCollator(PadTokenizer(), latent_id=LATENT)(rows)
     assert "labels" not in batch
     assert batch["input_ids"].tolist() == [[3, 4, 5], [3, 0, 0]]
+
+
+class CountingTokenizer:
+    """Passes through to a fast tokenizer, counting backend batch calls."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        counter = self
+
+        class Backend:
+            def encode_batch(self, texts, add_special_tokens):
+                counter.calls += 1
+                return inner.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+            def to_str(self):
+                return inner.backend_tokenizer.to_str()
+
+        self.backend_tokenizer = Backend()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_tokenisation_is_cached_on_disk(tokenizers, tmp_path, monkeypatch):
+    monkeypatch.setenv("COCONUT_CACHE", str(tmp_path / "cache"))
+    path = write(tmp_path, [SAMPLE, dict(SAMPLE, question="Other?")])
+    tok = CountingTokenizer(tokenizers["gpt2"])
+    first = list(get_dataset(path, tok))
+    assert tok.calls == 3 and len(os.listdir(tmp_path / "cache")) == 1
+    assert list(get_dataset(path, tok)) == first and tok.calls == 3  # read back, not tokenised
+    assert len(get_dataset(path, tok, max_size=1)) == 1 and tok.calls == 6  # another size, another entry
+    write(tmp_path, [SAMPLE])  # the file changes: its cache entry no longer applies
+    assert len(get_dataset(path, tok)) == 1 and tok.calls == 9
+    monkeypatch.setenv("COCONUT_CACHE", "off")
+    get_dataset(path, tok)
+    assert tok.calls == 12 and len(os.listdir(tmp_path / "cache")) == 3
