@@ -8,13 +8,7 @@ PYTHON=${PYTHON:-python3}
 # Pinned commit so the data cannot change under a published config.
 BASE=https://media.githubusercontent.com/media/da03/Internalize_CoT_Step_by_Step/e06a32ee5e4cd117171daeb4755d2a97ece62761/data/gsm8k
 
-fetch() {  # URL DEST; via a .tmp name so an interrupted download is never taken as done
-    if [ -s "$2" ]; then echo "$2: already there, skipping download"; return; fi
-    if command -v curl >/dev/null; then curl -fL --retry 3 -o "$2.tmp" "$1"
-    elif command -v wget >/dev/null; then wget -q -O "$2.tmp" "$1"
-    else echo "error: need curl or wget" >&2; exit 1; fi
-    mv "$2.tmp" "$2"
-}
+source preprocessing/fetch.sh
 
 mkdir -p data/raw
 for split in train valid test; do

@@ -9,14 +9,11 @@ Usage: python preprocessing/gsm_icot.py SPLIT [--src FILE] [--out FILE]
 """
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 
-
-class ConvertError(Exception):
-    """Bad input; main() prints it as one line instead of a traceback."""
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from convert_io import ConvertError, write_json_atomic  # noqa: E402
 
 
 def parse_gsm_line(line):
@@ -33,21 +30,6 @@ def parse_gsm_line(line):
     # split on single spaces exactly as the reference converter: a line with
     # no steps gives [""], and the question keeps its own spacing
     return {"question": question, "steps": steps.split(" "), "answer": answer}
-
-
-def write_json_atomic(data, out):
-    """Write to a temp file beside `out`, then rename, so a failed run never
-    leaves a half-written data file behind."""
-    folder = os.path.dirname(out) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(out) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def convert_gsm(src, out):

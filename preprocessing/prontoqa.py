@@ -12,11 +12,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
-
-class ConvertError(Exception):
-    """Bad input; main() prints it as one line instead of a traceback."""
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from convert_io import ConvertError, write_json_atomic  # noqa: E402
 
 
 def convert_example(example):
@@ -34,21 +32,6 @@ def convert_example(example):
     # pairs make one step per hop.
     steps = [" ".join(cot[i:i + 2]) for i in range(0, len(cot), 2)]
     return {"question": test["question"] + " " + test["query"], "steps": steps, "answer": test["answer"]}
-
-
-def write_json_atomic(data, out):
-    """Write to a temp file beside `out`, then rename, so a failed run never
-    leaves a half-written data file behind."""
-    folder = os.path.dirname(out) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(out) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def convert_prontoqa(src, out_dir, n_train=9000, n_valid=200):
