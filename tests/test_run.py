@@ -89,7 +89,7 @@ def test_coconut_run_resume_and_eval(workspace, tmp_path):
 
 def test_two_processes_with_torchrun(workspace, tmp_path):
     root, model_dir = workspace
-    config = write_config(root, model_dir, "pair", num_epochs=2)
+    config = write_config(root, model_dir, "pair", num_epochs=2, batch_size_eval=2)
     done = run_cli([config], tmp_path, torchrun=True, WANDB_MODE="disabled")
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     assert checkpoints(root, "pair") == ["checkpoint_1", "checkpoint_2"]
@@ -105,6 +105,19 @@ def test_two_processes_with_torchrun(workspace, tmp_path):
                         tmp_path, torchrun=True, WANDB_MODE="disabled")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "/ 5 = " in evaluated.stdout
+
+
+def test_two_processes_plain_cot_model(workspace, tmp_path):
+    """A sharded plain LM (the root shard unit is the HF model itself) trains
+    and generates in batches on two ranks."""
+    root, model_dir = workspace
+    config = write_config(root, model_dir, "pair-cot", coconut=False, cot=True, num_epochs=1, batch_size_eval=3)
+    done = run_cli([config], tmp_path, torchrun=True, WANDB_MODE="disabled")
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    assert checkpoints(root, "pair-cot") == ["checkpoint_1"]
+    assert "Total=3" in done.stdout and "Total=2" in done.stdout and " / 5 = " in done.stdout
+    state = torch.load(root / "runs" / "pair-cot" / "checkpoint_1", weights_only=True)
+    assert not any(k.startswith("base_causallm.") for k in state)
 
 
 # ------------------------------------------------------------ bad input, CLI
