@@ -11,6 +11,7 @@ logging.
 import argparse
 import copy
 import gc
+import math
 import os
 import sys
 from contextlib import nullcontext
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoints
 from coconut import Coconut
 from dataset import MyCollator, get_cot_latent_dataset, get_dataset, get_question_latent_dataset, load_samples
 from utils import UserError, is_main_process, load_config, print0, set_seed
@@ -65,20 +67,26 @@ def all_reduce_sum(tensor):
 
 
 # ------------------------------------------------------------------- model
+def run_folder(configs):
+    return os.path.join(configs.save_path, configs.name)
+
+
 def find_resume_checkpoint(configs):
     """Step 1: a folder with checkpoints means a preempted run: resume from the
-    newest one (ignoring the given `resume`)."""
-    save_dir = os.path.join(configs.save_path, configs.name)
-    if configs.only_eval or not os.path.isdir(save_dir):
-        return
-    epochs = [int(f.split("_")[1]) for f in os.listdir(save_dir) if f.split("_")[-1].isdigit() and f.startswith("checkpoint_")]
-    if not epochs:
-        return
-    configs.resume = max(epochs)
-    configs.load_model_path = os.path.join(save_dir, f"checkpoint_{configs.resume}")
-    print0(f"Found a previous run in {save_dir}: resuming from epoch {configs.resume} (the configured `resume` is ignored)")
+    newest complete one (ignoring the given `resume`). Returns the number of
+    batches of epoch `resume` already done (mid-epoch checkpoints)."""
+    if configs.only_eval:
+        return 0
+    names = checkpoints.complete_checkpoints(run_folder(configs))
+    if not names:
+        return 0
+    configs.resume, batches_done = checkpoints.position(names[-1])
+    configs.load_model_path = os.path.join(run_folder(configs), names[-1])
+    where = f"epoch {configs.resume}" + (f", batch {batches_done}" if batches_done else "")
+    print0(f"Found a previous run in {run_folder(configs)}: resuming from {names[-1]} ({where}; the configured `resume` is ignored)")
     if configs.resume >= configs.num_epochs:
         print0(f"All {configs.num_epochs} epochs are done already; raise num_epochs to train further")
+    return batches_done
 
 
 def load_pretrained(model_id):
@@ -204,24 +212,39 @@ def full_state_dict(parallel):
     return module.state_dict()
 
 
-def save_checkpoint(parallel, configs, epoch):
-    states = full_state_dict(parallel)
+def gather_rng_states():
+    """Every rank's RNG state, in rank order (a collective when distributed)."""
+    state = checkpoints.rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(parallel, optimizer, configs, progress, epoch, batches_done=0):
+    """Weights in the reference format, and beside them what continuing
+    needs. Collective: call it on every rank."""
+    weights = full_state_dict(parallel)
+    optim = checkpoints.optimizer_state(parallel, optimizer) if optimizer is not None else None
+    rng = gather_rng_states()
+    name = checkpoints.name_for(epoch, batches_done)
     if is_main_process():
-        save_dir = os.path.join(configs.save_path, configs.name)
-        os.makedirs(save_dir, exist_ok=True)
-        path = os.path.join(save_dir, f"checkpoint_{epoch + 1}")
-        # a temporary name then a rename, so a killed run never leaves a half file
-        torch.save(states, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        print(f"saving model to {path}", flush=True)
+        state = dict(progress, epoch=epoch + (batches_done == 0), batches_done=batches_done,
+                     optimizer=optim, rng=rng, config=dict(configs))
+        checkpoints.write(run_folder(configs), name, weights, state)
+        checkpoints.prune(run_folder(configs), configs.keep_last, keep={progress.get("best_name")})
+        print(f"saving model to {os.path.join(run_folder(configs), name)}", flush=True)
     barrier()
-    del states
+    del weights, optim
     gc.collect()
+    return name
 
 
 # ------------------------------------------------------------------- wandb
-def init_wandb(configs):
-    """Online with a login; otherwise offline, saying so in one line."""
+def init_wandb(configs, run_id=None):
+    """Online with a login; otherwise offline, saying so in one line. A
+    resumed run continues the wandb run `run_id`."""
     import wandb
 
     mode = os.environ.get("WANDB_MODE")
@@ -230,12 +253,12 @@ def init_wandb(configs):
         print0("wandb: no login found, logging offline (run `wandb login` or set WANDB_API_KEY to log online)")
     try:
         run = wandb.init(
-            project=configs.project, name=configs.name, mode=mode, config=dict(configs),
+            project=configs.project, name=configs.name, mode=mode, config=dict(configs), id=run_id, resume="allow" if run_id else None,
             settings=wandb.Settings(init_timeout=60, silent=True),
         )
     except Exception as e:  # no network, bad key: the training must go on
         print0(f"wandb: could not start ({type(e).__name__}); logging offline")
-        run = wandb.init(project=configs.project, name=configs.name, mode="offline", config=dict(configs))
+        run = wandb.init(project=configs.project, name=configs.name, mode="offline", config=dict(configs), id=run_id)
     return run
 
 
@@ -269,34 +292,58 @@ def to_device(batch, device, skip=("idx",)):
     return {k: v.to(device) for k, v in batch.items() if k not in skip}
 
 
-def train_epoch(parallel, optimizer, loader, configs, epoch, device, run, log_table, tokenizer):
+class NonFiniteLoss(Exception):
+    """Training diverged; the run stops without saving that state."""
+
+
+def precision(configs, device):
+    """bf16 autocast for `mixed_precision` (weights and AdamW state stay
+    float32); nothing otherwise."""
+    if configs.mixed_precision:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_epoch(parallel, optimizer, batches, configs, epoch, device, run, log_table, tokenizer, first=0, save=None):
+    """One pass over `batches`, which start at batch `first` of the epoch.
+    `save(batches_done)` is called every `save_every_steps` optimizer steps."""
     parallel.train()
     accumulate = configs.gradient_accumulation_steps
-    pbar = tqdm(total=len(loader) // accumulate, desc=f"Training Epoch: {epoch + 1}", disable=not is_main_process(), dynamic_ncols=True)
-    for step, batch in enumerate(loader):
+    total = first + len(batches)
+    pbar = tqdm(total=total // accumulate, initial=first // accumulate, desc=f"Training Epoch: {epoch + 1}",
+                disable=not is_main_process(), dynamic_ncols=True)
+    for step, batch in enumerate(batches, start=first):
         if step == 0 and run is not None:
-            log_batch_table(run, log_table, batch, tokenizer, epoch * len(loader))
-        loss = parallel(**to_device(batch, device)).loss / accumulate
+            log_batch_table(run, log_table, batch, tokenizer, epoch * total)
+        with precision(configs, device):
+            loss = parallel(**to_device(batch, device)).loss / accumulate
+        full_loss = loss.detach().float().item() * accumulate  # host sync, once per batch
+        if all_reduce_max(int(not math.isfinite(full_loss))):  # every rank stops together
+            raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}, batch {step}: stopping without saving")
         loss.backward()
-        if (step + 1) % accumulate == 0 or step == len(loader) - 1:
+        if (step + 1) % accumulate == 0 or step == total - 1:
             optimizer.step()
             optimizer.zero_grad()
             pbar.update(1)
-        full_loss = loss.detach().float().item() * accumulate  # host sync, once per batch
+            n_steps = (step + 1) // accumulate
+            if save and configs.save_every_steps and n_steps % configs.save_every_steps == 0 and step < total - 1:
+                save(step + 1)
         if run is not None:
-            run.log({"train/epoch": epoch + 1, "train/step": epoch * len(loader) + step, "train/loss": full_loss})
-        pbar.set_description(f"Training Epoch: {epoch + 1}/{configs.num_epochs}, batch {step}/{len(loader)} (loss: {full_loss:.4f})")
+            run.log({"train/epoch": epoch + 1, "train/step": epoch * total + step, "train/loss": full_loss})
+        pbar.set_description(f"Training Epoch: {epoch + 1}/{configs.num_epochs}, batch {step}/{total} (loss: {full_loss:.4f})")
     pbar.close()
     barrier()
 
 
 @torch.no_grad()
-def validation_loss(parallel, loader, world, device):
+def validation_loss(parallel, loader, world, device, configs):
     """Mean over batches of the loss averaged over ranks."""
     parallel.eval()
     total = 0.0
     for batch in loader:
-        loss = all_reduce_sum(parallel(**to_device(batch, device)).loss.detach().float())
+        with precision(configs, device):
+            loss = parallel(**to_device(batch, device)).loss
+        loss = all_reduce_sum(loss.detach().float())
         total += loss.item() / world
     return total / max(len(loader), 1)
 
@@ -393,9 +440,56 @@ def load_data(configs):
     return raw_val
 
 
+def restore_progress(configs, parallel, optimizer, rank):
+    """The training state saved beside the weights being resumed: best
+    accuracy, wandb run id, RNG, and the optimizer (unless a fresh one is due
+    anyway). A weights-only (reference) checkpoint restores nothing."""
+    progress = {"best_acc": 0.0, "best_name": None, "wandb_id": None}
+    if configs.load_model_path == "None" or configs.only_eval:
+        return progress, optimizer
+    try:
+        state = checkpoints.read_state(configs.load_model_path)
+    except Exception as e:  # a corrupt side file must not be half-used
+        raise UserError(f"{configs.load_model_path}.state: not a readable training state ({type(e).__name__})") from None
+    if state is None:
+        return progress, optimizer
+    progress.update({k: state[k] for k in progress if k in state})
+    rngs = state["rng"]
+    checkpoints.restore_rng(rngs[rank] if rank < len(rngs) else rngs[0])
+    if state["optimizer"] is not None and (state["batches_done"] or not configs.reset_optimizer):
+        optimizer = optimizer or build_optimizer(parallel, configs)
+        checkpoints.load_optimizer_state(parallel, optimizer, state["optimizer"])
+    return progress, optimizer
+
+
+def save_resolved_config(configs):
+    """The config as run (defaults and overrides applied), beside the checkpoints."""
+    if is_main_process() and not configs.debug and not configs.only_eval:
+        import yaml
+
+        os.makedirs(run_folder(configs), exist_ok=True)
+        with open(os.path.join(run_folder(configs), "config.yaml"), "w") as f:
+            yaml.safe_dump(dict(configs), f, sort_keys=False)
+
+
+def epoch_batches(dataset, configs, collator, rank, world, device, skip=0):
+    """This rank's batches of a dataset, in the same order on every run, from
+    batch `skip` on (a mid-epoch resume)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    indices = list(DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False))
+    # on a GPU one worker lays out and pads the next batches during the step;
+    # on a CPU it would only take a core from the model
+    workers = 1 if device.type == "cuda" else 0
+    # its own generator: a loader draws a seed when iterated, and drawing it
+    # from the global RNG would shift dropout after a mid-epoch resume
+    return DataLoader(dataset, batch_size=configs.batch_size_training, sampler=indices[skip * configs.batch_size_training :],
+                      collate_fn=collator, num_workers=workers, pin_memory=workers > 0, generator=torch.Generator())
+
+
 def run(configs, rank, world, device):
     set_seed(configs.seed)
-    find_resume_checkpoint(configs)
+    first_batch = find_resume_checkpoint(configs)
     raw_val = load_data(configs)
     model, tokenizer, ids = build_model(configs)
     parallel = wrap_model(model, configs, world, device)
@@ -407,26 +501,18 @@ def run(configs, rank, world, device):
     max_new_tokens = 64 if "gsm" in configs.val_path else 128
     markerless = configs.cot or configs.no_cot or configs.no_thoughts
 
+    optimizer = None if configs.reset_optimizer else build_optimizer(parallel, configs)
+    progress, optimizer = restore_progress(configs, parallel, optimizer, rank)
+    save_resolved_config(configs)
     run_log, log_table = None, None
     if not configs.debug and not configs.only_eval and rank == 0:
         import wandb
 
-        run_log = init_wandb(configs)
+        run_log = init_wandb(configs, progress["wandb_id"])
+        progress["wandb_id"] = run_log.id
         log_table = wandb.Table(columns=["step", "text"])
-
-    optimizer = None if configs.reset_optimizer else build_optimizer(parallel, configs)
-    best_acc = 0.0
     collator = MyCollator(tokenizer, latent_id=latent_id, label_pad_token_id=-100)
-
-    def loader(dataset):
-        from torch.utils.data import DataLoader, DistributedSampler
-
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        # on a GPU one worker lays out and pads the next batches during the step;
-        # on a CPU it would only take a core from the model
-        workers = 1 if device.type == "cuda" else 0
-        return DataLoader(dataset, batch_size=configs.batch_size_training, sampler=sampler, collate_fn=collator,
-                          num_workers=workers, pin_memory=workers > 0)
+    saving = not configs.debug
 
     for epoch in range(configs.resume, configs.num_epochs):
         stage = 0 if (configs.cot or configs.no_cot) else epoch // configs.epochs_per_stage
@@ -438,24 +524,29 @@ def run(configs, rank, world, device):
                 no_special_marker=markerless, shuffle=True, seed=configs.seed * 100003 + epoch,
             )
             loss_set = get_cot_latent_dataset(stage, base_valid, configs, start_id, latent_id, end_id, no_special_marker=markerless)
-            if configs.reset_optimizer:
+            if configs.reset_optimizer and (first_batch == 0 or optimizer is None):
                 optimizer = build_optimizer(parallel, configs)
-            train_epoch(parallel, optimizer, loader(train_set), configs, epoch, device, run_log, log_table, tokenizer)
-            if not configs.save_only_improve and not configs.debug:
-                save_checkpoint(parallel, configs, epoch)
-            val_loss = validation_loss(parallel, loader(loss_set), world, device)
+            batches = epoch_batches(train_set, configs, collator, rank, world, device, skip=first_batch)
+            save_partial = (lambda done: save_checkpoint(parallel, optimizer, configs, progress, epoch, done)) if saving else None
+            train_epoch(parallel, optimizer, batches, configs, epoch, device, run_log, log_table, tokenizer, first_batch, save_partial)
+            first_batch = 0
+            if not configs.save_only_improve and saving:
+                save_checkpoint(parallel, optimizer, configs, progress, epoch)
+            val_loss = validation_loss(parallel, epoch_batches(loss_set, configs, collator, rank, world, device), world, device, configs)
             print0(f"eval loss {val_loss}")
             if run_log is not None:
                 run_log.log({"eval/loss": val_loss})
 
-        acc, cot_em = evaluate(parallel, gen_set, raw_val, collator, tokenizer, configs, rank, world, device, max_new_tokens)
+        with precision(configs, device):
+            acc, cot_em = evaluate(parallel, gen_set, raw_val, collator, tokenizer, configs, rank, world, device, max_new_tokens)
         if run_log is not None:
             run_log.log({"eval/acc": acc, "eval/cot_em": cot_em})
         if configs.only_eval:
             break
-        if configs.save_only_improve and not configs.debug and acc > best_acc:
-            save_checkpoint(parallel, configs, epoch)
-            best_acc = acc
+        if acc > progress["best_acc"]:
+            progress.update(best_acc=acc, best_name=checkpoints.name_for(epoch))
+            if configs.save_only_improve and saving:
+                save_checkpoint(parallel, optimizer, configs, progress, epoch)
     if run_log is not None:
         run_log.finish()
 
@@ -478,6 +569,10 @@ def main(argv=None):
         if is_main_process():
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteLoss as e:
+        if is_main_process():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -63,6 +63,9 @@ CONFIG_KEYS = {
     "weight_decay": (float, 0.01, "AdamW weight decay"),
     # extensions (defaults give the reference behaviour)
     "batch_size_eval": (int, 1, "validation prompts generated together per process (same results as 1)"),
+    "save_every_steps": (int, 0, "also save a mid-epoch checkpoint every this many optimizer steps (0: never)"),
+    "keep_last": (int, 0, "keep only the newest this many checkpoints, plus the best (0: keep all)"),
+    "mixed_precision": (bool, False, "bf16 autocast with float32 weights and AdamW state"),
 }
 
 
@@ -135,7 +138,16 @@ def check_config(config, source):
     methods = [m for m in ("coconut", "cot", "no_thoughts", "no_cot") if config[m]]
     if len(methods) > 1:
         raise UserError(f"{source}: keys {' and '.join(methods)} are both set; choose one method")
-    for key in ("c_thought", "epochs_per_stage", "max_latent_stage", "resume", "seed"):
+    if config.coconut and config.c_thought == 0:
+        raise UserError(f"{source}: key 'c_thought' is 0 with coconut set: no continuous thoughts to train (use no_thoughts)")
+    if config.only_eval and config.load_model_path == "None":
+        raise UserError(f"{source}: key 'load_model_path' must name a checkpoint when only_eval is set")
+    if config.bf16 and config.mixed_precision:
+        raise UserError(f"{source}: keys bf16 and mixed_precision are both set; choose one precision")
+    for key in ("lr",):
+        if config[key] <= 0:
+            raise UserError(f"{source}: key '{key}' must be > 0")
+    for key in ("c_thought", "epochs_per_stage", "max_latent_stage", "resume", "seed", "save_every_steps", "keep_last", "weight_decay"):
         if config[key] < 0:
             raise UserError(f"{source}: key '{key}' must be >= 0")
     for key in ("batch_size_training", "batch_size_eval", "gradient_accumulation_steps", "epochs_per_stage", "num_epochs"):

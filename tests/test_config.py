@@ -78,7 +78,7 @@ def test_missing_and_malformed(tmp_path):
     no_train = {k: v for k, v in MINIMAL.items() if k != "train_path"}
     with pytest.raises(UserError, match="'train_path' is required unless only_eval"):
         load_config(write(tmp_path, no_train))
-    assert load_config(write(tmp_path, {**no_train, "only_eval": True})).only_eval
+    assert load_config(write(tmp_path, {**no_train, "only_eval": True, "load_model_path": "ckpt"})).only_eval
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(ARGS)))

@@ -18,6 +18,7 @@ import yaml
 from conftest import REPO, make_samples
 
 import run as cli
+from checkpoints import complete_checkpoints
 from utils import UserError, load_config
 
 
@@ -56,8 +57,8 @@ def run_cli(args, tmp_path, torchrun=False, **env):
 
 
 def checkpoints(root, name):
-    folder = root / "runs" / name
-    return sorted(os.listdir(folder)) if folder.exists() else []
+    """Complete checkpoint names (weights files) of a run folder, oldest first."""
+    return complete_checkpoints(str(root / "runs" / name))
 
 
 def test_coconut_run_resume_and_eval(workspace, tmp_path):
@@ -74,7 +75,7 @@ def test_coconut_run_resume_and_eval(workspace, tmp_path):
     # a restart with the same folder picks up the newest checkpoint
     resumed = run_cli([config, "num_epochs=4"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from epoch 3" in resumed.stdout
+    assert "resuming from checkpoint_3 (epoch 3;" in resumed.stdout
     assert "Training Epoch: 4" in resumed.stderr and "Training Epoch: 3" not in resumed.stderr
     assert checkpoints(root, "single")[-1] == "checkpoint_4"
 
@@ -208,6 +209,8 @@ def test_checkpoint_loading_cases(workspace, tmp_path):
 
 
 class Recorder:
+    id = "recorded-run"
+
     def __init__(self):
         self.logged = []
 
@@ -221,7 +224,7 @@ class Recorder:
 def test_logging_save_only_improve_and_optimizer_resets(workspace, tmp_path, monkeypatch):
     root, model_dir = workspace
     recorder = Recorder()
-    monkeypatch.setattr(cli, "init_wandb", lambda configs: recorder)
+    monkeypatch.setattr(cli, "init_wandb", lambda configs, run_id=None: recorder)
     accuracies = iter([0.2, 0.1, 0.4])
     monkeypatch.setattr(cli, "evaluate", lambda *a, **k: (next(accuracies), 0.0))
     built = []
@@ -230,7 +233,7 @@ def test_logging_save_only_improve_and_optimizer_resets(workspace, tmp_path, mon
 
     configs = config_for(workspace, tmp_path, "improve", save_only_improve=True)
     cli.run(configs, 0, 1, torch.device("cpu"))
-    assert sorted(os.listdir(tmp_path / "runs" / "improve")) == ["checkpoint_1", "checkpoint_3"]
+    assert checkpoints(tmp_path, "improve") == ["checkpoint_1", "checkpoint_3"]
     assert len(built) == 3  # reset_optimizer: a fresh AdamW every epoch
     keys = set().union(*recorder.logged)
     assert {"train/epoch", "train/step", "train/loss", "eval/loss", "eval/acc", "eval/cot_em", "data_table"} <= keys
@@ -266,7 +269,7 @@ def test_gradient_accumulation_steps_and_scaling():
     toy = Toy()
     optimizer = CountingOptimizer(toy.w)
     batches = [{"input_ids": torch.tensor([[float(i)]]), "labels": torch.tensor([[0]]), "idx": torch.tensor([i])} for i in range(1, 6)]
-    configs = type("C", (), {"gradient_accumulation_steps": 2, "num_epochs": 1})()
+    configs = SimpleNamespace(gradient_accumulation_steps=2, num_epochs=1, save_every_steps=0, mixed_precision=False)
     cli.train_epoch(toy, optimizer, batches, configs, 0, torch.device("cpu"), None, None, None)
     # steps after batches 2, 4 and the last (5); each gradient is the sum over its batches / 2
     assert [float(g) for g in optimizer.grads] == [1.5, 3.5, 2.5]
