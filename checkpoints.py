@@ -68,15 +68,20 @@ def read_state(weights_path):
 
 
 def prune(folder, keep_last, keep=()):
-    """Delete all but the newest `keep_last` checkpoints (and those named in
-    `keep`, e.g. the best), and leftovers of interrupted writes."""
+    """Keep the newest `keep_last` end-of-epoch checkpoints, those named in
+    `keep` (e.g. the best), and up to `keep_last` mid-epoch ones newer than
+    them; delete the rest and leftovers of interrupted writes."""
     for name in os.listdir(folder):
         if name.endswith(".tmp"):
             os.remove(os.path.join(folder, name))
     if keep_last <= 0:
         return
     names = complete_checkpoints(folder)
-    for name in names[:-keep_last]:
+    ends = [n for n in names if n.startswith("checkpoint_")]
+    # mid-epoch checkpoints matter only until their epoch's end is saved
+    newer = [n for n in names if not ends or position(n) > position(ends[-1])]
+    keep = set(keep) | set(ends[-keep_last:]) | set(newer[-keep_last:])
+    for name in names:
         if name not in keep:
             for path in (os.path.join(folder, name), os.path.join(folder, name + ".state")):
                 if os.path.exists(path):

@@ -312,26 +312,28 @@ def train_epoch(parallel, optimizer, batches, configs, epoch, device, run, log_t
     total = first + len(batches)
     pbar = tqdm(total=total // accumulate, initial=first // accumulate, desc=f"Training Epoch: {epoch + 1}",
                 disable=not is_main_process(), dynamic_ncols=True)
-    for step, batch in enumerate(batches, start=first):
-        if step == 0 and run is not None:
-            log_batch_table(run, log_table, batch, tokenizer, epoch * total)
-        with precision(configs, device):
-            loss = parallel(**to_device(batch, device)).loss / accumulate
-        full_loss = loss.detach().float().item() * accumulate  # host sync, once per batch
-        if all_reduce_max(int(not math.isfinite(full_loss))):  # every rank stops together
-            raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}, batch {step}: stopping without saving")
-        loss.backward()
-        if (step + 1) % accumulate == 0 or step == total - 1:
-            optimizer.step()
-            optimizer.zero_grad()
-            pbar.update(1)
-            n_steps = (step + 1) // accumulate
-            if save and configs.save_every_steps and n_steps % configs.save_every_steps == 0 and step < total - 1:
-                save(step + 1)
-        if run is not None:
-            run.log({"train/epoch": epoch + 1, "train/step": epoch * total + step, "train/loss": full_loss})
-        pbar.set_description(f"Training Epoch: {epoch + 1}/{configs.num_epochs}, batch {step}/{total} (loss: {full_loss:.4f})")
-    pbar.close()
+    try:
+        for step, batch in enumerate(batches, start=first):
+            if step == 0 and run is not None:
+                log_batch_table(run, log_table, batch, tokenizer, epoch * total)
+            with precision(configs, device):
+                loss = parallel(**to_device(batch, device)).loss / accumulate
+            full_loss = loss.detach().float().item() * accumulate  # host sync, once per batch
+            if all_reduce_max(int(not math.isfinite(full_loss))):  # every rank stops together
+                raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}, batch {step}: stopping without saving")
+            loss.backward()
+            if (step + 1) % accumulate == 0 or step == total - 1:
+                optimizer.step()
+                optimizer.zero_grad()
+                pbar.update(1)
+                n_steps = (step + 1) // accumulate
+                if save and configs.save_every_steps and n_steps % configs.save_every_steps == 0 and step < total - 1:
+                    save(step + 1)
+            if run is not None:
+                run.log({"train/epoch": epoch + 1, "train/step": epoch * total + step, "train/loss": full_loss})
+            pbar.set_description(f"Training Epoch: {epoch + 1}/{configs.num_epochs}, batch {step}/{total} (loss: {full_loss:.4f})")
+    finally:
+        pbar.close()  # ends the bar's line, also before an error message
     barrier()
 
 

@@ -112,6 +112,14 @@ def data_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory, model_dirs):
+    root = tmp_path_factory.mktemp("run")
+    (root / "train.json").write_text(json.dumps(make_samples(24, seed=1)))
+    (root / "valid.json").write_text(json.dumps(make_samples(5, seed=2)))
+    return root, model_dirs["gpt2"]
+
+
 def load_tokenizer_and_model(folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

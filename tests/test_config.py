@@ -85,6 +85,6 @@ def test_missing_and_malformed(tmp_path):
 def test_reference_configs_load_and_set_every_reference_key(name):
     with open(os.path.join(ARGS, name)) as f:
         raw = yaml.safe_load(f)
-    reference_keys = [k for k in CONFIG_KEYS if k != "batch_size_eval"]
+    reference_keys = list(CONFIG_KEYS)[: list(CONFIG_KEYS).index("batch_size_eval")]  # the extensions follow
     assert set(reference_keys) <= set(raw), name
     load_config(os.path.join(ARGS, name))

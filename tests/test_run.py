@@ -15,19 +15,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import REPO, make_samples
+from conftest import REPO
 
 import run as cli
 from checkpoints import complete_checkpoints
 from utils import UserError, load_config
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, model_dirs):
-    root = tmp_path_factory.mktemp("run")
-    (root / "train.json").write_text(json.dumps(make_samples(24, seed=1)))
-    (root / "valid.json").write_text(json.dumps(make_samples(5, seed=2)))
-    return root, model_dirs["gpt2"]
 
 
 def write_config(root, model_dir, name, **kw):
