@@ -553,16 +553,21 @@ def run(configs, rank, world, device):
         run_log.finish()
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other user error
+        raise UserError(f"command line: {message} (usage: run.py CONFIG.yaml [key=value ...])")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Train or evaluate a Coconut model.")
+    parser = ArgumentParser(description="Train or evaluate a Coconut model.")
     parser.add_argument("config_file", help="YAML run config (see args/)")
     parser.add_argument("overrides", nargs="*", help="key=value pairs that override the config")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         configs = load_config(args.config_file, args.overrides)
         rank, world, device = init_distributed()
         print0("Config:", dict(configs))
