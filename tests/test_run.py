@@ -232,6 +232,13 @@ def test_logging_save_only_improve_and_optimizer_resets(workspace, tmp_path, mon
     steps = [d["train/step"] for d in recorder.logged if "train/step" in d]
     assert steps == list(range(len(steps)))
 
+    # a restart continues the same wandb run
+    asked = []
+    monkeypatch.setattr(cli, "init_wandb", lambda configs, run_id=None: asked.append(run_id) or recorder)
+    accuracies = iter([0.5])
+    cli.run(config_for(workspace, tmp_path, "improve", save_only_improve=True, num_epochs=4), 0, 1, torch.device("cpu"))
+    assert asked == ["recorded-run"] and checkpoints(tmp_path, "improve")[-1] == "checkpoint_4"
+
     built.clear()
     accuracies = iter([0.0, 0.0])
     configs = config_for(workspace, tmp_path, "keep", reset_optimizer=False, debug=True, num_epochs=2)
