@@ -33,8 +33,25 @@ class SampleList(torch.utils.data.Dataset):
         return iter(self.samples)
 
 
+_last_loaded = {}  # (path, size, mtime) -> samples: run.py checks a file early, then tokenises it
+
+
 def load_samples(path):
-    """Read a data file and check every sample's keys and types."""
+    """Read a data file and check every sample's keys and types (once per
+    file version; the result is shared, so callers must not modify it)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        raise UserError(f"{path}: data file not found") from None
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _last_loaded:
+        samples = read_and_check(path)
+        _last_loaded.clear()  # keep one file: a large train set is not held twice
+        _last_loaded[key] = samples
+    return _last_loaded[key]
+
+
+def read_and_check(path):
     try:
         with open(path) as f:
             data = json.load(f)

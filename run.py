@@ -435,10 +435,11 @@ class parallel_unsharded:
 
 # --------------------------------------------------------------------- main
 def load_data(configs):
-    """Read and check the data files before anything is built or written."""
+    """Read and check the data files before anything is built or written;
+    returns the validation samples."""
     raw_val = load_samples(configs.val_path)
     if not configs.only_eval:
-        load_samples(configs.train_path)
+        load_samples(configs.train_path)  # kept in memory for its tokenisation
     return raw_val
 
 
@@ -497,9 +498,9 @@ def run(configs, rank, world, device):
     parallel = wrap_model(model, configs, world, device)
     start_id, end_id, latent_id = ids["<|start-latent|>"], ids["<|end-latent|>"], ids["<|latent|>"]
 
-    base_valid = get_dataset(configs.val_path, tokenizer, max_size=32 if configs.debug else 100000000)
-    if not configs.only_eval:
+    if not configs.only_eval:  # first: load_data left this file's samples in memory
         base_train = get_dataset(configs.train_path, tokenizer, max_size=5000 if configs.debug else 100000000)
+    base_valid = get_dataset(configs.val_path, tokenizer, max_size=32 if configs.debug else 100000000)
     max_new_tokens = 64 if "gsm" in configs.val_path else 128
     markerless = configs.cot or configs.no_cot or configs.no_thoughts
 

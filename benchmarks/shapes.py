@@ -40,36 +40,32 @@ def special_ids(preset):
     return {"latent": base, "start": base + 1, "end": base + 2, "eos": base - 1}
 
 
-def prosqa_like(n, vocab, seed=0):
-    """Pre-tokenised samples of ProsQA's shape: a ~290-token question (the
-    graph's facts), 4 to 6 steps of ~9 tokens, a ~8-token answer: ~350 in all."""
+def synthetic_samples(n, vocab, seed, question, n_steps, step_len, answer_len):
+    """Pre-tokenised samples with random ids; lengths drawn from the given
+    (low, high) ranges; the answer ends with eos (the last id)."""
     rng = random.Random(seed)
     tokens = lambda k: [rng.randrange(3, vocab - 1) for _ in range(k)]
     return [
         {
-            "question_tokenized": tokens(rng.randint(270, 310)),
-            "steps_tokenized": [tokens(rng.randint(7, 11)) for _ in range(rng.randint(4, 6))],
-            "answer_tokenized": tokens(7) + [vocab - 1],
+            "question_tokenized": tokens(rng.randint(*question)),
+            "steps_tokenized": [tokens(rng.randint(*step_len)) for _ in range(rng.randint(*n_steps))],
+            "answer_tokenized": tokens(answer_len) + [vocab - 1],
             "idx": i,
         }
         for i in range(n)
     ]
+
+
+def prosqa_like(n, vocab, seed=0):
+    """ProsQA's shape: a ~290-token question (the graph's facts), 4 to 6 steps
+    of ~9 tokens, a ~8-token answer: ~350 tokens in all."""
+    return synthetic_samples(n, vocab, seed, question=(270, 310), n_steps=(4, 6), step_len=(7, 11), answer_len=7)
 
 
 def gsm_like(n, vocab=50257, seed=0):
-    """Pre-tokenised samples of GSM8K's shape: ~50-token question, 2 to 5
-    steps of ~10 tokens, a 3-token answer."""
-    rng = random.Random(seed)
-    tokens = lambda k: [rng.randrange(vocab) for _ in range(k)]
-    return [
-        {
-            "question_tokenized": tokens(rng.randint(30, 70)),
-            "steps_tokenized": [tokens(rng.randint(6, 14)) for _ in range(rng.randint(2, 5))],
-            "answer_tokenized": tokens(3) + [vocab - 1],
-            "idx": i,
-        }
-        for i in range(n)
-    ]
+    """GSM8K's shape: ~50-token question, 2 to 5 steps of ~10 tokens, a
+    3-token answer."""
+    return synthetic_samples(n, vocab, seed, question=(30, 70), n_steps=(2, 5), step_len=(6, 14), answer_len=3)
 
 
 def synchronize(device):
