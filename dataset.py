@@ -254,16 +254,15 @@ def get_cot_latent_dataset(
         plans.append((position, n_skip, n_slots * c_thought))
     if shuffle:
         rng.shuffle(plans)
-    markers = None if no_special_marker else (start_id, end_id)
-    return StageSamples(base_dataset, plans, latent_id, markers)
+    return StageSamples(base_dataset, plans, (start_id, latent_id, end_id), not no_special_marker)
 
 
 class StageSamples(torch.utils.data.Dataset):
     """A stage's training sequences, each laid out when read from a plan
     (base position, steps removed, latent tokens)."""
 
-    def __init__(self, base, plans, latent_id, markers):
-        self.base, self.plans, self.latent_id, self.markers = base, plans, latent_id, markers
+    def __init__(self, base, plans, token_ids, markers):
+        self.base, self.plans, self.token_ids, self.markers = base, plans, token_ids, markers
 
     def __len__(self):
         return len(self.plans)
@@ -274,11 +273,7 @@ class StageSamples(torch.utils.data.Dataset):
     def __getitem__(self, index):
         position, n_skip, n_latent = self.plans[index]
         sample = self.base[position]
-        question = sample["question_tokenized"]
-        if self.markers:
-            prompt = question + [self.markers[0]] + [self.latent_id] * n_latent + [self.markers[1]]
-        else:
-            prompt = question + [self.latent_id] * n_latent
+        prompt = _sequence(sample["question_tokenized"], n_latent, self.markers, *self.token_ids)
         rest = list(itertools.chain.from_iterable(sample["steps_tokenized"][n_skip:])) + sample["answer_tokenized"]
         return _with_masks(sample, prompt + rest, labels=[-100] * len(prompt) + rest)
 

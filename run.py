@@ -14,7 +14,7 @@ import gc
 import math
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -190,6 +190,11 @@ def wrap_model(model, configs, world, device):
     return model
 
 
+def unwrap(parallel):
+    """The module inside a DDP wrapper (FSDP2 shards in place, no wrapper)."""
+    return parallel.module if hasattr(parallel, "module") else parallel
+
+
 def plain_model(model):
     return model.base_causallm if isinstance(model, Coconut) else model
 
@@ -208,8 +213,7 @@ def full_state_dict(parallel):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(parallel, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    module = parallel.module if hasattr(parallel, "module") else parallel
-    return module.state_dict()
+    return unwrap(parallel).state_dict()
 
 
 def gather_rng_states():
@@ -374,7 +378,7 @@ def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank,
     """Greedy generation on every validation sample; returns (accuracy, CoT
     match) over all ranks. `records`, if a list, receives this rank's
     (sample index, decoded output) pairs."""
-    generator = parallel.module if hasattr(parallel, "module") else parallel
+    generator = unwrap(parallel)
     sharded = is_sharded(parallel)
     if not isinstance(generator, Coconut):
         # a plain LM decodes through the same greedy loop (no latents to fill)
@@ -419,18 +423,15 @@ def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank,
     return cor / total, cor_cot / total
 
 
-class parallel_unsharded:
+@contextmanager
+def parallel_unsharded(module):
     """Keeps the root shard unit gathered while generating: generation calls
     the embedding directly, outside the root module's forward hooks."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __enter__(self):
-        self.module.unshard()
-
-    def __exit__(self, *exc):
-        self.module.reshard()
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 # --------------------------------------------------------------------- main
