@@ -6,6 +6,7 @@ This module owns the model wrapper only: no files, no torch.distributed, no
 training loop. See SPEC sections 5 and 6.
 """
 
+import inspect
 from collections import namedtuple
 
 import torch
@@ -50,6 +51,13 @@ class Coconut(nn.Module):
         self.start_latent_id = start_latent_id
         self.end_latent_id = end_latent_id
         self.embedding = base_causallm.get_input_embeddings()
+        # transformers >= 5.24 names the cache argument `cache`; older 5.x
+        # releases call it `past_key_values`.
+        parameters = inspect.signature(base_causallm.forward).parameters
+        self._cache_name = "cache" if "cache" in parameters else "past_key_values"
+
+    def _cache_argument(self, cache):
+        return {self._cache_name: cache}
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids, attention_mask, labels=None, position_ids=None, **kwargs):
@@ -86,7 +94,7 @@ class Coconut(nn.Module):
                 inputs_embeds=inputs_embeds[:, start:end],
                 attention_mask=attention_mask[:, :end],
                 position_ids=position_ids[:, start:end],
-                past_key_values=cache,
+                **self._cache_argument(cache),
                 use_cache=True,
                 output_hidden_states=pass_idx < n_passes,
             )
@@ -174,7 +182,7 @@ class Coconut(nn.Module):
                 inputs_embeds=self.embedding(next_tokens[:, None]),
                 attention_mask=mask,
                 position_ids=next_positions[:, None],
-                past_key_values=cache,
+                **self._cache_argument(cache),
                 use_cache=True,
             )
             self.gen_forward_cnt += 1
