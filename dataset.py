@@ -13,8 +13,9 @@ import pickle
 import random
 
 import torch
+from tqdm import tqdm
 
-from utils import UserError
+from utils import UserError, is_main_process
 
 
 class SampleList(torch.utils.data.Dataset):
@@ -94,11 +95,15 @@ def get_dataset(path, tokenizer, max_size=1000000000):
     cache = cache_path(path, tokenizer, len(data))
     tokens = cached = read_cache(cache)
     if tokens is None:
-        tokens = (
-            encode_all(tokenizer, [d["question"] + "\n" for d in data], special=True),
-            encode_all(tokenizer, ["### " + d["answer"] for d in data], special=False),
-            encode_all(tokenizer, [s + "\n" for d in data for s in d["steps"]], special=False),
+        texts = (
+            [d["question"] + "\n" for d in data],
+            ["### " + d["answer"] for d in data],
+            [s + "\n" for d in data for s in d["steps"]],
         )
+        total = sum(map(len, texts))
+        desc = f"Tokenizing {os.path.basename(path)}"
+        with tqdm(total=total, desc=desc, unit="text", disable=not is_main_process(), dynamic_ncols=True) as bar:
+            tokens = tuple(encode_all(tokenizer, part, special=i == 0, bar=bar) for i, part in enumerate(texts))
     questions, answers, flat_steps = tokens
     bounds = list(itertools.accumulate([len(d["steps"]) for d in data], initial=0))
     eos = tokenizer.eos_token_id
@@ -155,16 +160,22 @@ def write_cache(cache, tokens):
         pass  # a read-only home only costs the next run a re-tokenisation
 
 
-def encode_all(tokenizer, texts, special):
-    """Token ids of many texts in one batched call. A fast tokenizer's Rust
-    backend is called directly: the same ids, without building the
-    BatchEncoding that costs most of the time for GSM8K's 1.3M steps."""
-    if not texts:
-        return []
+def encode_all(tokenizer, texts, special, bar=None, chunk=50000):
+    """Token ids of many texts, in batched calls of `chunk` texts (advancing
+    the progress `bar`). A fast tokenizer's Rust backend is called directly:
+    the same ids, without building the BatchEncoding that costs most of the
+    time for GSM8K's 1.3M steps."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
-    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+    ids = []
+    for start in range(0, len(texts), chunk):
+        part = texts[start : start + chunk]
+        if backend is not None:
+            ids += [e.ids for e in backend.encode_batch(part, add_special_tokens=special)]
+        else:
+            ids += tokenizer(part, add_special_tokens=special)["input_ids"]
+        if bar is not None:
+            bar.update(len(part))
+    return ids
 
 
 def check_token_boundaries(path, raw, sample, tokenizer):

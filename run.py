@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoints
+import metrics
 from coconut import Coconut
 from dataset import MyCollator, get_cot_latent_dataset, get_dataset, get_question_latent_dataset, load_samples
 from utils import UserError, is_main_process, load_config, print0, set_seed
@@ -287,6 +288,61 @@ def log_batch_table(run, table, batch, tokenizer, step):
     run.log({"data_table": copy.copy(table)})
 
 
+class Logger:
+    """Where metrics go: wandb (main process, not in debug or only_eval runs)
+    and the run's metrics file (main process). Other ranks get one that drops
+    everything."""
+
+    def __init__(self, wandb_run=None, metrics_log=None):
+        self.wandb_run, self.metrics_log = wandb_run, metrics_log
+        self.table = None
+        if wandb_run is not None:
+            import wandb
+
+            self.table = wandb.Table(columns=["step", "text"])
+
+    def log(self, values, stage, epoch, step, **extra):
+        if self.wandb_run is not None:
+            self.wandb_run.log(values)
+        if self.metrics_log is not None:
+            self.metrics_log.log(values, stage, epoch, step, **extra)
+
+    def batch_table(self, batch, tokenizer, step):
+        if self.wandb_run is not None:
+            log_batch_table(self.wandb_run, self.table, batch, tokenizer, step)
+
+    def close(self):
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if self.metrics_log is not None:
+            self.metrics_log.close()
+
+
+def open_logger(configs, progress, first_batch):
+    """The main process's Logger; a resumed run continues its wandb run and
+    its metrics file from the point it resumes at."""
+    if not is_main_process():
+        return Logger()
+    wandb_run = None
+    if not configs.debug and not configs.only_eval:
+        wandb_run = init_wandb(configs, progress["wandb_id"])
+        progress["wandb_id"] = wandb_run.id
+    start = (configs.resume, first_batch)
+    return Logger(wandb_run, metrics.MetricsLog(run_folder(configs), start, only_eval=configs.only_eval))
+
+
+def print_stage_summary(logger):
+    """Validation accuracy at the last epoch of every stage, from the run's
+    whole metrics history (earlier sessions of a resumed run included)."""
+    if logger.metrics_log is None:
+        return
+    rows = metrics.accuracy_by_stage(metrics.read(logger.metrics_log.path))
+    if rows:
+        print("Accuracy by stage (last epoch of each):", flush=True)
+        for stage, epoch, acc in rows:
+            print(f"  stage {stage} (epoch {epoch}): {acc:.4f}", flush=True)
+
+
 # ----------------------------------------------------------------- training
 def build_optimizer(parallel, configs):
     return torch.optim.AdamW(parallel.parameters(), lr=configs.lr, weight_decay=configs.weight_decay)
@@ -308,18 +364,19 @@ def precision(configs, device):
     return nullcontext()
 
 
-def train_epoch(parallel, optimizer, batches, configs, epoch, device, run, log_table, tokenizer, first=0, save=None):
+def train_epoch(parallel, optimizer, batches, configs, epoch, stage, device, logger, tokenizer, first=0, save=None):
     """One pass over `batches`, which start at batch `first` of the epoch.
-    `save(batches_done)` is called every `save_every_steps` optimizer steps."""
+    `save(batches_done)` is called every `save_every_steps` optimizer steps.
+    Returns the number of batches in the whole epoch."""
     parallel.train()
     accumulate = configs.gradient_accumulation_steps
     total = first + len(batches)
     pbar = tqdm(total=total // accumulate, initial=first // accumulate, desc=f"Training Epoch: {epoch + 1}",
-                disable=not is_main_process(), dynamic_ncols=True)
+                unit="step", disable=not is_main_process(), dynamic_ncols=True)
     try:
         for step, batch in enumerate(batches, start=first):
-            if step == 0 and run is not None:
-                log_batch_table(run, log_table, batch, tokenizer, epoch * total)
+            if step == 0:
+                logger.batch_table(batch, tokenizer, epoch * total)
             with precision(configs, device):
                 loss = parallel(**to_device(batch, device)).loss / accumulate
             full_loss = loss.detach().float().item() * accumulate  # host sync, once per batch
@@ -333,12 +390,13 @@ def train_epoch(parallel, optimizer, batches, configs, epoch, device, run, log_t
                 n_steps = (step + 1) // accumulate
                 if save and configs.save_every_steps and n_steps % configs.save_every_steps == 0 and step < total - 1:
                     save(step + 1)
-            if run is not None:
-                run.log({"train/epoch": epoch + 1, "train/step": epoch * total + step, "train/loss": full_loss})
+            values = {"train/epoch": epoch + 1, "train/step": epoch * total + step, "train/loss": full_loss}
+            logger.log(values, stage, epoch + 1, epoch * total + step, batch=step)
             pbar.set_description(f"Training Epoch: {epoch + 1}/{configs.num_epochs}, batch {step}/{total} (loss: {full_loss:.4f})")
     finally:
         pbar.close()  # ends the bar's line, also before an error message
     barrier()
+    return total
 
 
 @torch.no_grad()
@@ -346,7 +404,7 @@ def validation_loss(parallel, loader, world, device, configs):
     """Mean over batches of the loss averaged over ranks."""
     parallel.eval()
     total = 0.0
-    for batch in loader:
+    for batch in tqdm(loader, desc="Validation loss", unit="batch", disable=not is_main_process(), dynamic_ncols=True):
         with precision(configs, device):
             loss = parallel(**to_device(batch, device)).loss
         loss = all_reduce_sum(loss.detach().float())
@@ -387,7 +445,7 @@ def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank,
     batches = shard_batches(dataset, configs.batch_size_eval, rank, world)
     correct = torch.zeros(3, dtype=torch.long, device=device)  # answer, CoT, total
     printed = 0
-    pbar = tqdm(total=len(batches), desc="Test Accuracy", disable=not is_main_process(), dynamic_ncols=True)
+    pbar = tqdm(total=len(batches), desc="Test Accuracy", unit="batch", disable=not is_main_process(), dynamic_ncols=True)
     with parallel_unsharded(parallel) if sharded else nullcontext():
         for indices in batches:
             dummy = indices is None  # keeps model calls equal across ranks
@@ -508,13 +566,7 @@ def run(configs, rank, world, device):
     optimizer = None if configs.reset_optimizer else build_optimizer(parallel, configs)
     progress, optimizer = restore_progress(configs, parallel, optimizer, rank)
     save_resolved_config(configs)
-    run_log, log_table = None, None
-    if not configs.debug and not configs.only_eval and rank == 0:
-        import wandb
-
-        run_log = init_wandb(configs, progress["wandb_id"])
-        progress["wandb_id"] = run_log.id
-        log_table = wandb.Table(columns=["step", "text"])
+    logger = open_logger(configs, progress, first_batch)
     collator = MyCollator(tokenizer, latent_id=latent_id, label_pad_token_id=-100)
     saving = not configs.debug
 
@@ -532,27 +584,26 @@ def run(configs, rank, world, device):
                 optimizer = build_optimizer(parallel, configs)
             batches = epoch_batches(train_set, configs, collator, rank, world, device, skip=first_batch)
             save_partial = (lambda done: save_checkpoint(parallel, optimizer, configs, progress, epoch, done)) if saving else None
-            train_epoch(parallel, optimizer, batches, configs, epoch, device, run_log, log_table, tokenizer, first_batch, save_partial)
+            per_epoch = train_epoch(parallel, optimizer, batches, configs, epoch, stage, device, logger, tokenizer, first_batch, save_partial)
             first_batch = 0
             if not configs.save_only_improve and saving:
                 save_checkpoint(parallel, optimizer, configs, progress, epoch)
             val_loss = validation_loss(parallel, epoch_batches(loss_set, configs, collator, rank, world, device), world, device, configs)
             print0(f"eval loss {val_loss}")
-            if run_log is not None:
-                run_log.log({"eval/loss": val_loss})
+            logger.log({"eval/loss": val_loss}, stage, epoch + 1, (epoch + 1) * per_epoch)
 
         with precision(configs, device):
             acc, cot_em = evaluate(parallel, gen_set, raw_val, collator, tokenizer, configs, rank, world, device, max_new_tokens)
-        if run_log is not None:
-            run_log.log({"eval/acc": acc, "eval/cot_em": cot_em})
+        steps_done = 0 if configs.only_eval else (epoch + 1) * per_epoch
+        logger.log({"eval/acc": acc, "eval/cot_em": cot_em}, stage, epoch + 1, steps_done)
         if configs.only_eval:
             break
         if acc > progress["best_acc"]:
             progress.update(best_acc=acc, best_name=checkpoints.name_for(epoch))
             if configs.save_only_improve and saving:
                 save_checkpoint(parallel, optimizer, configs, progress, epoch)
-    if run_log is not None:
-        run_log.finish()
+    print_stage_summary(logger)
+    logger.close()
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,0 +1,210 @@
+"""The run's local metrics log: `metrics.jsonl` in the run folder, one JSON
+object a line, written by the main process beside (not instead of) wandb.
+
+Every line holds the keys logged to wandb at that moment (`train/loss`,
+`eval/acc`, ...) plus `stage`, `epoch` (from 1), `step` (training batches
+since the run began, as `train/step`) and `wall_time` (seconds of this run,
+summed over restarts). Training lines also hold `batch` (index in the
+epoch). A restarted run first drops the lines past the point it resumes
+from, so the file always describes one uninterrupted history.
+Evaluation-only runs append to `eval_metrics.jsonl` instead, never touching
+the training history.
+"""
+
+import json
+import os
+import sys
+import time
+
+TRAIN_FILE = "metrics.jsonl"
+EVAL_ONLY_FILE = "eval_metrics.jsonl"
+
+
+def read(path):
+    """The records of a metrics file, in order; a torn last line (a run killed
+    while writing) is skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def before(record, epoch, batch):
+    """Whether a record was logged before 0-based `epoch`, batch `batch`."""
+    if record["epoch"] - 1 != epoch:
+        return record["epoch"] - 1 < epoch
+    return "batch" in record and record["batch"] < batch
+
+
+class MetricsLog:
+    """Appends records to the run's metrics file. `start` = (0-based epoch,
+    batches done) where this run begins; earlier records are kept, later
+    ones (from a run that was cut off) are dropped."""
+
+    def __init__(self, folder, start=(0, 0), only_eval=False):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, EVAL_ONLY_FILE if only_eval else TRAIN_FILE)
+        kept = []
+        if os.path.exists(self.path) and not only_eval:
+            kept = [r for r in read(self.path) if before(r, *start)]
+            temporary = self.path + ".tmp"
+            with open(temporary, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(temporary, self.path)
+        self.offset = kept[-1]["wall_time"] if kept else 0.0
+        self.started = time.monotonic()
+        self.file = open(self.path, "a")
+
+    def log(self, values, stage, epoch, step, **extra):
+        record = dict(values, stage=stage, epoch=epoch, step=step, **extra)
+        record["wall_time"] = round(self.offset + time.monotonic() - self.started, 3)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()  # a run may be killed at any moment
+
+    def close(self):
+        self.file.close()
+
+
+def accuracy_by_stage(records):
+    """[(stage, epoch, eval/acc)] for the last evaluated epoch of each stage,
+    in stage order."""
+    last = {}
+    for r in records:
+        if "eval/acc" in r:
+            last[r["stage"]] = (r["stage"], r["epoch"], r["eval/acc"])
+    return [last[s] for s in sorted(last)]
+
+
+# -------------------------------------------------------------------- plots
+def per_epoch(records):
+    """{epoch: {"stage", "train/loss" (mean over the epoch's batches),
+    "eval/loss", "eval/acc", "eval/cot_em"}} from a training metrics file."""
+    epochs, train_sums = {}, {}
+    for r in records:
+        row = epochs.setdefault(r["epoch"], {})
+        row["stage"] = r["stage"]
+        if "train/loss" in r:
+            total, count = train_sums.get(r["epoch"], (0.0, 0))
+            train_sums[r["epoch"]] = (total + r["train/loss"], count + 1)
+        for key in ("eval/loss", "eval/acc", "eval/cot_em"):
+            if key in r:
+                row[key] = r[key]
+    for epoch, (total, count) in train_sums.items():
+        epochs[epoch]["train/loss"] = total / count
+    return dict(sorted(epochs.items()))
+
+
+def stage_starts(epochs):
+    """[(first epoch, stage)] for every stage, in order."""
+    starts, previous = [], None
+    for epoch, row in epochs.items():
+        if row["stage"] != previous:
+            starts.append((epoch, row["stage"]))
+            previous = row["stage"]
+    return starts
+
+
+def series(epochs, key):
+    points = [(e, row[key]) for e, row in epochs.items() if key in row]
+    return [e for e, _ in points], [v for _, v in points]
+
+
+def plot_curves(epochs, path, title):
+    """Train and validation loss (top) and validation accuracy and CoT match
+    (bottom) over epochs, a dashed line where each stage begins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, acc_ax) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
+    for key, label in (("train/loss", "train loss"), ("eval/loss", "validation loss")):
+        loss_ax.plot(*series(epochs, key), marker="o", label=label)
+    for key, label in (("eval/acc", "validation accuracy"), ("eval/cot_em", "CoT match")):
+        acc_ax.plot(*series(epochs, key), marker="o", label=label)
+    for epoch, stage in stage_starts(epochs):
+        for ax in (loss_ax, acc_ax):
+            ax.axvline(epoch - 0.5, color="grey", linestyle="--", linewidth=0.8)
+        acc_ax.text(epoch - 0.4, 1.02, f"stage {stage}", fontsize=8, color="grey")
+    loss_ax.set_ylabel("loss")
+    acc_ax.set_ylabel("accuracy")
+    acc_ax.set_ylim(0, 1.1)
+    acc_ax.set_xlabel("epoch")
+    loss_ax.set_title(title)
+    for ax in (loss_ax, acc_ax):
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_stage_accuracy(rows, path, title):
+    """A bar per stage: validation accuracy at that stage's last epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [f"stage {stage}" for stage, _, _ in rows]
+    values = [acc for _, _, acc in rows]
+    bars = ax.bar(labels, values, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot(folder, out=None):
+    """Render `curves.png` and `stage_accuracy.png` from the metrics file of
+    the run in `folder` (into `out`, default the same folder). Returns the
+    paths written."""
+    path = os.path.join(folder, TRAIN_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no metrics file (give a run folder: <save_path>/<name>)")
+    records = [r for r in read(path) if isinstance(r, dict) and "epoch" in r and "stage" in r]
+    if not records:
+        raise ValueError(f"{path}: holds no metrics records")
+    epochs = per_epoch(records)
+    rows = accuracy_by_stage(records)
+    out = out or folder
+    os.makedirs(out, exist_ok=True)
+    title = os.path.basename(os.path.normpath(folder))
+    written = [os.path.join(out, "curves.png")]
+    plot_curves(epochs, written[0], title)
+    if rows:
+        written.append(os.path.join(out, "stage_accuracy.png"))
+        plot_stage_accuracy(rows, written[1], title)
+    return written
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Plot a run's metrics: loss and accuracy over epochs, accuracy per stage.")
+    parser.add_argument("run_folder", help="the run's folder, <save_path>/<name>, holding metrics.jsonl")
+    parser.add_argument("--out", help="folder for the PNGs (default: the run folder)")
+    args = parser.parse_args(argv)
+    try:
+        written = plot(args.run_folder, args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Built-in reasoning tasks, generated offline in the project's JSON format
+({"question", "steps", "answer"}), so Coconut can be tried without downloads.
+
+- graph: ProsQA-style. A random DAG of made-up concepts stated as facts
+  "Every X is a Y.", a start fact "Alex is a X.", and the question "Is Alex
+  a A or B?" where exactly one of A, B is reachable from X. Steps are the
+  facts along the path; the answer is "Alex is a A.". Samples carry the
+  graph as ProsQA does (idx_to_symbol, edges, root, target, neg_target).
+- pointer: a shuffled list of links "ka -> mo."; follow k of them from a
+  start. Steps are the hops; the answer is where the chain ends.
+- multiply: multi-digit multiplication; steps are the partial products.
+
+Usage: python preprocessing/tasks.py {graph,pointer,multiply} [--seed 0]
+       [--train N] [--valid N] [--test N] [--out-dir data] [task options]
+writes <out-dir>/<task>_{train,valid,test}.json. The same seed and sizes give
+the same files; no question appears in two splits.
+"""
+
+import argparse
+import itertools
+import os
+import random
+import sys
+
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from convert_io import ConvertError, write_json_atomic  # noqa: E402
+
+PEOPLE = ("Alex", "Sam", "Max", "Tom", "Eva", "Ivy", "Leo", "Mia", "Ada", "Ben")
+ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "z", "br", "gr", "sk", "tr", "zh")
+VOWELS = ("a", "e", "i", "o", "u")
+ENDINGS = ("mpus", "rpus", "ngus", "lbus", "rkus", "ffus", "ssa", "mbo", "rn", "x")
+
+
+def concept_names(rng, count):
+    """`count` distinct made-up concept names ("wumpus", "brelbus", ...)."""
+    every = [o + v + e for o, v, e in itertools.product(ONSETS, VOWELS, ENDINGS)]
+    if count > len(every):
+        raise ConvertError(f"--concepts: at most {len(every)} names can be made, asked for {count}")
+    return rng.sample(every, count)
+
+
+# --------------------------------------------------------------------- graph
+def graph_sample(rng, names, hops, distractors):
+    """Two disjoint chains of `hops` facts each, the start on one of them; the
+    two chain ends are the options. Extra concepts point into either chain
+    (never out of the start's chain), so they change no reachability from
+    the start but hide which chain is which. Without the steps, telling the
+    options apart means composing `hops` lookups."""
+    chosen = rng.sample(names, 2 * (hops + 1) + distractors)
+    path, other, extra = chosen[: hops + 1], chosen[hops + 1 : 2 * hops + 2], chosen[2 * hops + 2 :]
+    edges = list(zip(path, path[1:])) + list(zip(other, other[1:]))
+    edges += [(name, rng.choice(path[1:] + other[1:])) for name in extra]
+    rng.shuffle(edges)
+    person = rng.choice(PEOPLE)
+    options = [path[-1], other[-1]]
+    rng.shuffle(options)
+    facts = " ".join(f"Every {a} is a {b}." for a, b in edges)
+    index = {name: i for i, name in enumerate(chosen)}
+    return {
+        "question": f"{facts} {person} is a {path[0]}. Is {person} a {options[0]} or {options[1]}?",
+        "steps": [f"Every {a} is a {b}." for a, b in zip(path, path[1:])],
+        "answer": f"{person} is a {path[-1]}.",
+        "idx_to_symbol": chosen,
+        "edges": [[index[a], index[b]] for a, b in edges],
+        "root": index[path[0]],
+        "target": index[path[-1]],
+        "neg_target": index[other[-1]],
+    }
+
+
+def generate_graph(rng, min_hops=3, max_hops=4, distractors=2, concepts=40):
+    names = concept_names(rng, concepts)
+    if concepts < 2 * (max_hops + 1) + distractors:
+        raise ConvertError(f"--concepts: {concepts} names are too few for {max_hops} hops and {distractors} distractors")
+    return lambda: graph_sample(rng, names, rng.randint(min_hops, max_hops), distractors)
+
+
+# ------------------------------------------------------------------- pointer
+def pointer_sample(rng, names, hops, variables):
+    """Every variable links to one other; the start's first `hops` links visit
+    distinct variables, so each hop is one lookup in the list."""
+    chosen = rng.sample(names, variables)
+    path = chosen[: hops + 1]
+    links = dict(zip(path, path[1:]))
+    for name in chosen:
+        links.setdefault(name, rng.choice([c for c in chosen if c != name]))
+    listed = list(links.items())
+    rng.shuffle(listed)
+    text = " ".join(f"{a} -> {b}." for a, b in listed)
+    return {
+        "question": f"{text} Start at {path[0]} and follow {hops} links.",
+        "steps": [f"{a} -> {b}." for a, b in zip(path, path[1:])],
+        "answer": path[-1],
+    }
+
+
+def generate_pointer(rng, min_hops=3, max_hops=4, variables=12):
+    if variables < max_hops + 1:
+        raise ConvertError(f"--variables: {variables} are too few for {max_hops} hops")
+    names = ["".join(p) for p in itertools.product("bdfgklmnprstvz", "aeiou")]
+    return lambda: pointer_sample(rng, names, rng.randint(min_hops, max_hops), variables)
+
+
+# ------------------------------------------------------------------ multiply
+def multiply_sample(rng, digits_a, digits_b):
+    """a * b with one step per digit of b: the partial product of that digit
+    at its place value."""
+    a = rng.randint(10 ** (digits_a - 1), 10**digits_a - 1)
+    b = rng.randint(10 ** (digits_b - 1), 10**digits_b - 1)
+    steps = []
+    for place, digit in enumerate(reversed(str(b))):
+        factor = int(digit) * 10**place
+        steps.append(f"{a} * {factor} = {a * factor}")
+    return {"question": f"What is {a} * {b}?", "steps": steps, "answer": str(a * b)}
+
+
+def generate_multiply(rng, digits_a=3, digits_b=2):
+    if min(digits_a, digits_b) < 1:
+        raise ConvertError("--digits-a and --digits-b must be at least 1")
+    return lambda: multiply_sample(rng, digits_a, digits_b)
+
+
+GENERATORS = {"graph": generate_graph, "pointer": generate_pointer, "multiply": generate_multiply}
+
+
+def generate(task, seed, sizes, **options):
+    """{split: samples} for `sizes` = {split: count}; questions are unique
+    over all splits."""
+    rng = random.Random(seed)
+    total = sum(sizes.values())
+    draw = GENERATORS[task](rng, **options)
+    seen, samples = set(), []
+    attempts = 0
+    with tqdm(total=total, desc=f"Generating {task}", unit="sample", dynamic_ncols=True) as bar:
+        while len(samples) < total:
+            attempts += 1
+            if attempts > 20 * total + 1000:
+                raise ConvertError(f"{task}: only {len(samples)} distinct questions found; lower the sizes or widen the options")
+            sample = draw()
+            if sample["question"] not in seen:
+                seen.add(sample["question"])
+                samples.append(sample)
+                bar.update(1)
+    splits, start = {}, 0
+    for split, count in sizes.items():
+        splits[split] = samples[start : start + count]
+        start += count
+    return splits
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Generate a built-in reasoning task in the project's JSON format.")
+    parser.add_argument("task", choices=sorted(GENERATORS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=int, default=8000, help="training samples")
+    parser.add_argument("--valid", type=int, default=300, help="validation samples")
+    parser.add_argument("--test", type=int, default=500, help="test samples")
+    parser.add_argument("--out-dir", default="data")
+    parser.add_argument("--min-hops", type=int, default=3, help="graph, pointer: fewest reasoning steps")
+    parser.add_argument("--max-hops", type=int, default=4, help="graph, pointer: most reasoning steps")
+    parser.add_argument("--distractors", type=int, default=2, help="graph: extra concepts pointing into the chains")
+    parser.add_argument("--concepts", type=int, default=40, help="graph: size of the concept-name pool")
+    parser.add_argument("--variables", type=int, default=12, help="pointer: variables in the link list")
+    parser.add_argument("--digits-a", type=int, default=3, help="multiply: digits of the first factor")
+    parser.add_argument("--digits-b", type=int, default=2, help="multiply: digits of the second factor (= steps)")
+    args = parser.parse_args(argv)
+    for key, least in (("train", 1), ("valid", 1), ("test", 0), ("distractors", 0)):
+        if getattr(args, key) < least:
+            parser.error(f"--{key} must be >= {least}")
+    if not 1 <= args.min_hops <= args.max_hops:
+        parser.error("need 1 <= --min-hops <= --max-hops")
+    return args
+
+
+def task_options(args):
+    if args.task == "graph":
+        return dict(min_hops=args.min_hops, max_hops=args.max_hops, distractors=args.distractors, concepts=args.concepts)
+    if args.task == "pointer":
+        return dict(min_hops=args.min_hops, max_hops=args.max_hops, variables=args.variables)
+    return dict(digits_a=args.digits_a, digits_b=args.digits_b)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sizes = {"train": args.train, "valid": args.valid, "test": args.test}
+    try:
+        splits = generate(args.task, args.seed, sizes, **task_options(args))
+        for split, samples in splits.items():
+            if not samples:
+                continue
+            out = os.path.join(args.out_dir, f"{args.task}_{split}.json")
+            write_json_atomic(samples, out)
+            print(f"{out}: {len(samples)} samples")
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {args.out_dir}: cannot write ({e.strerror})", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
