@@ -19,6 +19,10 @@ Outputs = namedtuple("Outputs", ["loss", "inputs_embeds", "logits"])
 # model calls during synced generation (the reference's padding rule).
 MAX_N_LATENT = 8
 
+# what `latent_norm` may be: nothing, RMS rescaling to the embedding scale, a
+# parameter-free layer norm
+LATENT_NORMS = ("none", "rms", "layernorm")
+
 
 def latent_columns(input_ids, latent_token_id):
     """Column of each row's k-th latent token, shape (B, max latents), -1 where
@@ -42,7 +46,38 @@ def positions_from_mask(attention_mask):
 
 
 class Coconut(nn.Module):
-    def __init__(self, base_causallm, latent_token_id, start_latent_id, end_latent_id, eos_token_id):
+    """The wrapper. The keywords after `eos_token_id` are extensions; their
+    defaults give the reference method (SPEC section 5):
+
+    - `pause_as_thought`: latent positions keep their own (`<|latent|>`)
+      embedding, nothing is fed back, and the forward pass is one ordinary
+      pass (the "pause as thought" ablation, SPEC section 9).
+    - `latent_layer`: index into the model's `hidden_states` (embeddings
+      output, then one per block) of the vector fed back; -1, the last
+      layer after the final norm, is the reference.
+    - `latent_norm`: "none"; "rms" rescales each fed-back vector so its RMS
+      is the mean RMS of the input-embedding rows (so its norm is the mean
+      row norm), read from the table at forward time: the table trains, and
+      run.py loads checkpoints after wrapping; "layernorm" applies a layer
+      norm without parameters (no new state-dict keys; with
+      `latent_projection` after it, the learned affine map is there).
+    - `latent_projection`: a learned square linear map, identity at
+      initialisation, after the norm. Only then does the wrapper hold
+      parameters (and state-dict keys) of its own.
+    """
+
+    def __init__(
+        self,
+        base_causallm,
+        latent_token_id,
+        start_latent_id,
+        end_latent_id,
+        eos_token_id,
+        pause_as_thought=False,
+        latent_layer=-1,
+        latent_norm="none",
+        latent_projection=False,
+    ):
         super().__init__()
         self.gen_forward_cnt = 0
         self.base_causallm = base_causallm
@@ -55,6 +90,25 @@ class Coconut(nn.Module):
         # releases call it `past_key_values`.
         parameters = inspect.signature(base_causallm.forward).parameters
         self._cache_name = "cache" if "cache" in parameters else "past_key_values"
+
+        if latent_layer != -1:  # -1 (the reference) exists for every model
+            n_states = base_causallm.config.num_hidden_layers + 1  # embeddings output, then every block
+            if not -n_states <= latent_layer < n_states:
+                raise ValueError(f"latent_layer {latent_layer} is out of range: the model has hidden states {-n_states} .. {n_states - 1}")
+        if latent_norm not in LATENT_NORMS:
+            raise ValueError(f"latent_norm must be one of {', '.join(LATENT_NORMS)}, got {latent_norm!r}")
+        self.pause_as_thought = pause_as_thought
+        self.latent_layer = latent_layer
+        self.latent_norm = latent_norm
+        if latent_projection:
+            weight = self.embedding.weight
+            width = weight.shape[1]
+            # registered only when asked for: default checkpoints keep the reference keys
+            self.latent_projection = nn.Linear(width, width, device=weight.device, dtype=weight.dtype)
+            nn.init.eye_(self.latent_projection.weight)
+            nn.init.zeros_(self.latent_projection.bias)
+        else:
+            self.latent_projection = None
 
     def _cache_argument(self, cache):
         return {self._cache_name: cache}
@@ -81,6 +135,8 @@ class Coconut(nn.Module):
         rest. Returns (logits over all columns, filled input embeddings, cache).
         """
         columns = latent_columns(input_ids, self.latent_token_id)
+        if self.pause_as_thought:  # latents keep their embedding: one ordinary pass
+            columns = columns[:, :0]
         n_passes = columns.shape[1]
         inputs_embeds = self.embedding(input_ids)
         cache = cache if cache is not None else DynamicCache(config=self.base_causallm.config)
@@ -88,6 +144,9 @@ class Coconut(nn.Module):
         start = 0
         end = int(columns[columns >= 0].min()) if n_passes else width  # host sync
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        # the "rms" target, read once per call from the embedding table as it
+        # is now (it trains, and checkpoints load after construction)
+        scale = self._embedding_rms() if self.latent_norm == "rms" and n_passes else None
         logits = []
         for pass_idx in range(n_passes + 1):
             outputs = self.base_causallm(
@@ -101,17 +160,17 @@ class Coconut(nn.Module):
             logits.append(outputs.logits)
             if pass_idx < n_passes:
                 inputs_embeds = self._fill_latents(
-                    inputs_embeds, outputs.hidden_states[-1], columns[:, pass_idx], rows, start
+                    inputs_embeds, outputs.hidden_states[self.latent_layer], columns[:, pass_idx], rows, start, scale
                 )
                 start, end = end, (end + 1 if pass_idx + 1 < n_passes else width)
         self.gen_forward_cnt += n_passes + 1
         return torch.cat(logits, dim=1), inputs_embeds, cache
 
-    @staticmethod
-    def _fill_latents(inputs_embeds, hidden, target_columns, rows, offset):
+    def _fill_latents(self, inputs_embeds, hidden, target_columns, rows, offset, scale=None):
         """Out of place (autograd has saved views of the old tensor): put, for
         every row whose target column is >= 0, the hidden state computed at
-        target - 1 into inputs_embeds at target."""
+        target - 1 (through the feedback variant, if any) into inputs_embeds
+        at target."""
         has = target_columns >= 0
         rows, target = rows[has], target_columns[has]
         source = target - 1 - offset
@@ -119,7 +178,31 @@ class Coconut(nn.Module):
             raise ValueError(
                 "latent tokens are not aligned across the batch; batch rows with MyCollator"
             )
-        return inputs_embeds.index_put((rows, target), hidden[rows, source].to(inputs_embeds.dtype))
+        thoughts = hidden[rows, source]  # (rows with a latent here, width)
+        if self.latent_norm != "none" or self.latent_projection is not None:
+            thoughts = self._feedback_variant(thoughts, scale)
+        return inputs_embeds.index_put((rows, target), thoughts.to(inputs_embeds.dtype))
+
+    @torch.no_grad()
+    def _embedding_rms(self):
+        """Mean over the input-embedding rows of each row's RMS, a float32
+        scalar; a constant to the fed-back vectors, so no gradient reaches
+        the table through it."""
+        table = self.embedding.weight
+        norms = torch.linalg.vector_norm(table, dim=1, dtype=torch.float32)
+        return norms.mean() / table.shape[1] ** 0.5
+
+    def _feedback_variant(self, thoughts, scale):
+        """Norm, then projection, of the fed-back vectors (n, width). Only the
+        gathered vectors are transformed, never a whole pass."""
+        if self.latent_norm == "rms":
+            rms = thoughts.float().pow(2).mean(dim=-1, keepdim=True).add(1e-6).sqrt()
+            thoughts = (thoughts.float() * (scale / rms)).to(thoughts.dtype)
+        elif self.latent_norm == "layernorm":
+            thoughts = nn.functional.layer_norm(thoughts.float(), thoughts.shape[-1:]).to(thoughts.dtype)
+        if self.latent_projection is not None:
+            thoughts = self.latent_projection(thoughts)
+        return thoughts
 
     # --------------------------------------------------------------- generate
     @torch.no_grad()

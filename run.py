@@ -95,7 +95,10 @@ def load_pretrained(model_id):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
-        model = AutoModelForCausalLM.from_pretrained(model_id)
+        # float32 as in the reference (transformers 5 would otherwise load the
+        # checkpoint's dtype, bfloat16 for Llama 3.2 and Qwen2.5); `bf16` and
+        # `mixed_precision` choose lower precision explicitly
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model_id '{model_id}': cannot load model or tokenizer ({first})") from None
@@ -162,12 +165,37 @@ def build_model(configs):
         configs.c_thought = 0
         configs.coconut = False
     if configs.coconut:
-        model = Coconut(model, ids["<|latent|>"], ids["<|start-latent|>"], ids["<|end-latent|>"], tokenizer.eos_token_id)
+        model = wrap_coconut(model, ids, tokenizer, configs)
     if deferred:
+        check_projection_keys(saved, configs)
         load_weights(model, saved, configs.load_model_path)
     if configs.bf16:
         model.to(torch.bfloat16)
     return model, tokenizer, ids
+
+
+def wrap_coconut(model, ids, tokenizer, configs):
+    """Step 6, with the ablation and feedback-variant keywords (their
+    defaults are the reference wrapper)."""
+    try:
+        return Coconut(
+            model, ids["<|latent|>"], ids["<|start-latent|>"], ids["<|end-latent|>"], tokenizer.eos_token_id,
+            pause_as_thought=configs.pause_as_thought, latent_layer=configs.latent_layer,
+            latent_norm=configs.latent_norm, latent_projection=configs.latent_projection,
+        )
+    except ValueError as e:  # latent_layer beyond this model's depth
+        raise UserError(f"key 'latent_layer' with model_id '{configs.model_id}': {e}") from None
+
+
+def check_projection_keys(saved, configs):
+    """A checkpoint trained with latent_projection holds weights a run
+    without it would silently drop. (The other way round is allowed: the
+    projection starts at the identity, so a plain Coconut checkpoint
+    continues unchanged.)"""
+    if not configs.latent_projection and any(k.startswith("latent_projection.") for k in saved):
+        raise UserError(
+            f"load_model_path '{configs.load_model_path}': holds latent_projection weights but latent_projection is off"
+        )
 
 
 def wrap_model(model, configs, world, device):
@@ -183,12 +211,21 @@ def wrap_model(model, configs, world, device):
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
 
-    block_names = set(getattr(plain_model(model), "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in block_names:
-            fully_shard(module)
-    fully_shard(model)
+    units = shard_units(model)
+    kinds = sorted({type(m).__name__ for m in units})  # before fully_shard renames the classes FSDP<name>
+    for module in units:
+        fully_shard(module)
+    fully_shard(model)  # the root: embeddings, final norm, head, and any latent_projection
+    print0(f"FSDP: {len(units)} shard units ({', '.join(kinds) or 'none: no _no_split_modules match'}) and the root")
     return model
+
+
+def shard_units(model):
+    """The decoder blocks, each its own FSDP unit: modules whose class the
+    model lists in `_no_split_modules` (GPT2Block, LlamaDecoderLayer,
+    Qwen2DecoderLayer, ...)."""
+    block_names = set(getattr(plain_model(model), "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in block_names]
 
 
 def unwrap(parallel):
@@ -549,6 +586,17 @@ def epoch_batches(dataset, configs, collator, rank, world, device, skip=0):
                       collate_fn=collator, num_workers=workers, pin_memory=workers > 0, generator=torch.Generator())
 
 
+def stage_for_epoch(configs, epoch):
+    """The curriculum stage of 0-based `epoch`, for training and evaluation.
+    `no_curriculum`: the final stage, max_latent_stage + 1 (all steps
+    replaced by max_latent_stage thought slots), from the first epoch."""
+    if configs.cot or configs.no_cot:
+        return 0
+    if configs.no_curriculum:
+        return configs.max_latent_stage + 1
+    return epoch // configs.epochs_per_stage
+
+
 def run(configs, rank, world, device):
     set_seed(configs.seed)
     first_batch = find_resume_checkpoint(configs)
@@ -571,7 +619,7 @@ def run(configs, rank, world, device):
     saving = not configs.debug
 
     for epoch in range(configs.resume, configs.num_epochs):
-        stage = 0 if (configs.cot or configs.no_cot) else epoch // configs.epochs_per_stage
+        stage = stage_for_epoch(configs, epoch)
         gen_set = get_question_latent_dataset(stage, base_valid, configs, start_id, latent_id, end_id, no_special_marker=markerless)
         if not configs.only_eval:
             # the order is drawn from (seed, epoch) alone, identical on every rank

@@ -66,7 +66,16 @@ CONFIG_KEYS = {
     "save_every_steps": (int, 0, "also save a mid-epoch checkpoint every this many optimizer steps (0: never)"),
     "keep_last": (int, 0, "keep only the newest this many checkpoints, plus the best (0: keep all)"),
     "mixed_precision": (bool, False, "bf16 autocast with float32 weights and AdamW state"),
+    # ablations (SPEC section 9); the pause-token baseline is pause_as_thought + no_curriculum
+    "no_curriculum": (bool, False, "Coconut trained and evaluated at the final stage (all steps replaced) from epoch 0"),
+    "pause_as_thought": (bool, False, "Coconut layout and curriculum, but latent positions keep their own embedding"),
+    # latent feedback variants (Coconut only); applied in this order: layer, norm, projection
+    "latent_layer": (int, -1, "hidden_states index fed back to the next latent (-1: the last layer)"),
+    "latent_norm": (str, "none", "normalisation of the fed-back vector: none, rms or layernorm"),
+    "latent_projection": (bool, False, "learned linear map (identity at init) on the fed-back vector"),
 }
+
+LATENT_NORMS = ("none", "rms", "layernorm")
 
 
 def _typed(key, value, source):
@@ -159,6 +168,26 @@ def check_config(config, source):
         raise UserError(f"{source}: key 'uniform_prob' must be between 0 and 1")
     if not config.only_eval and config.train_path == "None":
         raise UserError(f"{source}: key 'train_path' is required unless only_eval is set")
+    check_ablations(config, source)
+
+
+def check_ablations(config, source):
+    """The ablation and latent-feedback keys: each changes a Coconut run, so
+    any of them without `coconut` (or a feedback variant with nothing fed
+    back) is a contradiction, not a silent no-op."""
+    if config.latent_norm not in LATENT_NORMS:
+        raise UserError(f"{source}: key 'latent_norm' must be one of {', '.join(LATENT_NORMS)}, got {config.latent_norm!r}")
+    changed = [k for k in ("no_curriculum", "pause_as_thought", "latent_projection") if config[k]]
+    changed += [k for k, default in (("latent_layer", -1), ("latent_norm", "none")) if config[k] != default]
+    if changed and not config.coconut:
+        raise UserError(f"{source}: key '{changed[0]}' needs coconut: True (it changes how continuous thoughts are trained)")
+    feedback = [k for k in changed if k.startswith("latent_")]
+    if config.pause_as_thought and feedback:
+        raise UserError(f"{source}: keys pause_as_thought and {feedback[0]} are both set; pause_as_thought feeds no hidden state back")
+    if config.no_curriculum and config.uniform_prob > 0:
+        raise UserError(f"{source}: keys no_curriculum and uniform_prob are both set; uniform_prob draws earlier stages")
+    if config.no_curriculum and config.max_latent_stage == 0:
+        raise UserError(f"{source}: key 'max_latent_stage' is 0 with no_curriculum set: the final stage has no continuous thoughts")
 
 
 def set_seed(seed):
