@@ -92,6 +92,19 @@ def build_model_dir(folder, arch, add_bos=False):
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: on a small shared CPU, two
+    threads per tiny matmul mostly wait for each other (greedy decoding ran
+    up to 100x slower); restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """{arch: folder} for tiny gpt2, llama (tokenizer adds BOS) and qwen2."""

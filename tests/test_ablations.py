@@ -23,14 +23,7 @@ from utils import Config, UserError, load_config
 ARGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "args")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared CPU, more threads spin against
-    each other (a run takes 4x longer); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------ pause as thought

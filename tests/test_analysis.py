@@ -35,14 +35,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GROUPS = [None, 0, 1, 1, 2, 2, 2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # on the 2 shared cores of the test machines, two threads per tiny matmul
-    # mostly wait for each other: greedy decoding ran ~100x slower
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli_env():

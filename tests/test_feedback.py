@@ -19,14 +19,7 @@ import run as cli
 from coconut import Coconut
 from utils import UserError, load_config
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared CPU, more threads spin against
-    each other (a run takes 4x longer); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 DEFAULTS = dict(pause_as_thought=False, latent_layer=-1, latent_norm="none", latent_projection=False)
