@@ -30,13 +30,12 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict, deque
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 
 import torch
 
 import checkpoints
 import run
-from coconut import Coconut
 from dataset import MyCollator, get_dataset, get_question_latent_dataset, load_samples
 from utils import Config, UserError, load_config
 
@@ -170,35 +169,16 @@ def max_new_tokens(configs):
 
 
 # --------------------------------------------------------------------- sweep
-@contextmanager
-def counting_new_tokens(generator, counts):
-    """run.evaluate returns only accuracies; read the number of generated
-    tokens of every row off the generate calls it makes, in order."""
-    original = generator.generate
-
-    def generate(input_ids, attention_mask, **kwargs):
-        outputs = original(input_ids, attention_mask, **kwargs)
-        rows = list(outputs) if isinstance(outputs, list) else [outputs[0]]
-        counts.extend(len(row) - int(n) for row, n in zip(rows, attention_mask.sum(dim=1)))
-        return outputs
-
-    generator.generate = generate  # an instance attribute shadows the method
-    try:
-        yield
-    finally:
-        del generator.generate
-
-
 def evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n_thoughts, device):
     """Accuracy, CoT match and per-sample outputs with n thoughts, from
     run.evaluate (its printed examples are kept off stdout)."""
     dataset = prompts(configs, base_valid, n_thoughts, ids)
     collator = MyCollator(tokenizer, latent_id=ids["<|latent|>"], label_pad_token_id=-100)
-    records, counts = [], []
-    with counting_new_tokens(model, counts), redirect_stdout(io.StringIO()), run.precision(configs, device):
+    records = []
+    with redirect_stdout(io.StringIO()), run.precision(configs, device):
         accuracy, cot_match = run.evaluate(model, dataset, raw, collator, tokenizer, configs, 0, 1, device, max_new_tokens(configs), records)
     outputs = []
-    for (idx, text), n_new in zip(records, counts):
+    for idx, text, n_new in records:
         prediction = run.extract_answer(text)
         correct = prediction == raw[idx]["answer"].replace(",", "").strip()
         outputs.append({"idx": idx, "prediction": prediction, "correct": correct, "generated_tokens": n_new})
@@ -208,7 +188,7 @@ def evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n_thoughts, 
         "mean_latent_tokens": sum(latent_tokens) / len(latent_tokens),
         "accuracy": accuracy,
         "cot_match": cot_match,
-        "mean_generated_tokens": sum(counts) / len(counts),
+        "mean_generated_tokens": sum(r[2] for r in records) / len(records),
         "outputs": outputs,
     }
 
@@ -216,8 +196,6 @@ def evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n_thoughts, 
 def sweep_command(args, configs, raw):
     top = configs.max_latent_stage if args.max_thoughts is None else args.max_thoughts
     model, tokenizer, ids, device = build(configs)
-    if not isinstance(model, Coconut):  # the pause baseline: run.evaluate's own wrapping, made here to count tokens
-        model = Coconut(model, -1, -1, -1, tokenizer.eos_token_id)
     configs.batch_size_eval = args.batch_size
     base_valid = get_dataset(configs.val_path, tokenizer, max_size=len(raw))
     rows = []

@@ -472,7 +472,7 @@ def shard_batches(dataset, batch_size, rank, world):
 def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank, world, device, max_new_tokens, records=None):
     """Greedy generation on every validation sample; returns (accuracy, CoT
     match) over all ranks. `records`, if a list, receives this rank's
-    (sample index, decoded output) pairs."""
+    (sample index, decoded output, number of generated tokens) triples."""
     generator = unwrap(parallel)
     sharded = is_sharded(parallel)
     if not isinstance(generator, Coconut):
@@ -492,13 +492,14 @@ def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank,
                 max_new_tokens=max_new_tokens, synced_gpus=sharded, rank_max=all_reduce_max,
             )
             outputs = list(outputs) if batch["input_ids"].shape[0] > 1 else [outputs[0]]
-            for sample_idx, output in zip(batch["idx"].tolist(), outputs):
+            prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()  # outputs start with the unpadded prompt
+            for sample_idx, output, prompt_length in zip(batch["idx"].tolist(), outputs, prompt_lengths):
                 if dummy:
                     break
                 sample = raw_samples[sample_idx]
                 text = tokenizer.decode(output, skip_special_tokens=True)
                 if records is not None:
-                    records.append((sample_idx, text))
+                    records.append((sample_idx, text, len(output) - prompt_length))
                 answer = sample["answer"].replace(",", "").strip()
                 correct[0] += extract_answer(text) == answer
                 correct[1] += extract_cot(text) == "\n".join(sample["steps"])

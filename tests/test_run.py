@@ -306,6 +306,6 @@ def test_batched_evaluation_equals_batch_size_one(method, workspace, tmp_path):
         scores = cli.evaluate(model, prompts, raw, collator, tokenizer, configs, 0, 1, torch.device("cpu"), 24, records=records)
         results[batch_size] = (scores, records)
     assert results[1] == results[4]
-    assert [i for i, _ in results[1][1]] == list(range(len(raw)))
+    assert [i for i, _, _ in results[1][1]] == list(range(len(raw)))
     if not configs.cot:
         assert len({p["input_ids"].count(ids["<|latent|>"]) for p in prompts}) > 1
