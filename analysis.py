@@ -35,6 +35,7 @@ from contextlib import redirect_stdout
 import torch
 
 import checkpoints
+import metrics
 import run
 from dataset import MyCollator, get_dataset, get_question_latent_dataset, load_samples
 from utils import Config, UserError, load_config
@@ -164,10 +165,6 @@ def prompts(configs, base_valid, n_thoughts, ids):
     )
 
 
-def max_new_tokens(configs):
-    return 64 if "gsm" in configs.val_path else 128  # run.py's rule
-
-
 # --------------------------------------------------------------------- sweep
 def evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n_thoughts, device):
     """Accuracy, CoT match and per-sample outputs with n thoughts, from
@@ -176,7 +173,7 @@ def evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n_thoughts, 
     collator = MyCollator(tokenizer, latent_id=ids["<|latent|>"], label_pad_token_id=-100)
     records = []
     with redirect_stdout(io.StringIO()), run.precision(configs, device):
-        accuracy, cot_match = run.evaluate(model, dataset, raw, collator, tokenizer, configs, 0, 1, device, max_new_tokens(configs), records)
+        accuracy, cot_match = run.evaluate(model, dataset, raw, collator, tokenizer, configs, 0, 1, device, run.max_new_tokens(configs), records)
     outputs = []
     for idx, text, n_new in records:
         prediction = run.extract_answer(text)
@@ -232,17 +229,8 @@ def sweep_markdown(summary):
     return "\n".join(lines) + "\n"
 
 
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_sweep(summary, path):
-    plt = pyplot()
+    plt = metrics.pyplot()
     rows = summary["rows"]
     counts = [r["thoughts"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -257,9 +245,7 @@ def plot_sweep(summary, path):
     ax.set_title(os.path.basename(summary["checkpoint"]), fontsize=9)
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    metrics.save_figure(fig, path)
 
 
 # ------------------------------------------------------------------- inspect
@@ -410,7 +396,7 @@ def inspect_sample(model, tokenizer, configs, base_valid, raw, index, graph, n_t
         thoughts, logits_before = capture_thoughts(model, batch, ids["<|latent|>"])
         norm, _ = head_reading(model)
         probs = head_probabilities(model, thoughts, norm)
-        output = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens(configs))
+        output = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=run.max_new_tokens(configs))
     if len(thoughts) and norm is None and reference_feedback(model) and not torch.allclose(probs, torch.softmax(logits_before.float(), dim=-1), atol=1e-3):
         print(f"warning: sample {index}: LM head on the thoughts differs from the model's logits before them; "
               "this architecture may feed pre-norm hidden states", file=sys.stderr)
@@ -502,7 +488,7 @@ def graph_lines(graph):
 def plot_inspection(summary, path):
     """One panel per sample: a heatmap thoughts x distance for graph samples,
     else each thought's top LM-head token and its probability."""
-    plt = pyplot()
+    plt = metrics.pyplot()
     samples = summary["samples"]
     fig, axes = plt.subplots(len(samples), 1, figsize=(7, 3 * len(samples)), squeeze=False)
     for ax, sample in zip(axes[:, 0], samples):
@@ -511,9 +497,7 @@ def plot_inspection(summary, path):
         else:
             plot_top_token_bars(ax, sample["thoughts"])
         ax.set_title(f"sample {sample['idx']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    metrics.save_figure(fig, path)
 
 
 def plot_mass_heatmap(ax, masses):

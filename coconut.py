@@ -196,8 +196,9 @@ class Coconut(nn.Module):
         """Norm, then projection, of the fed-back vectors (n, width). Only the
         gathered vectors are transformed, never a whole pass."""
         if self.latent_norm == "rms":
-            rms = thoughts.float().pow(2).mean(dim=-1, keepdim=True).add(1e-6).sqrt()
-            thoughts = (thoughts.float() * (scale / rms)).to(thoughts.dtype)
+            wide = thoughts.float()
+            rms = wide.pow(2).mean(dim=-1, keepdim=True).add(1e-6).sqrt()
+            thoughts = (wide * (scale / rms)).to(thoughts.dtype)
         elif self.latent_norm == "layernorm":
             thoughts = nn.functional.layer_norm(thoughts.float(), thoughts.shape[-1:]).to(thoughts.dtype)
         if self.latent_projection is not None:

@@ -80,6 +80,22 @@ def accuracy_by_stage(records):
 
 
 # -------------------------------------------------------------------- plots
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
 def per_epoch(records):
     """{epoch: {"stage", "train/loss" (mean over the epoch's batches),
     "eval/loss", "eval/acc", "eval/cot_em"}} from a training metrics file."""
@@ -116,11 +132,7 @@ def series(epochs, key):
 def plot_curves(epochs, path, title):
     """Train and validation loss (top) and validation accuracy and CoT match
     (bottom) over epochs, a dashed line where each stage begins."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (loss_ax, acc_ax) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
     for key, label in (("train/loss", "train loss"), ("eval/loss", "validation loss")):
         loss_ax.plot(*series(epochs, key), marker="o", label=label)
@@ -138,18 +150,12 @@ def plot_curves(epochs, path, title):
     for ax in (loss_ax, acc_ax):
         ax.legend(loc="best", fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_stage_accuracy(rows, path, title):
     """A bar per stage: validation accuracy at that stage's last epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [f"stage {stage}" for stage, _, _ in rows]
     values = [acc for _, _, acc in rows]
@@ -158,9 +164,7 @@ def plot_stage_accuracy(rows, path, title):
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("validation accuracy")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot(folder, out=None):

@@ -587,6 +587,11 @@ def epoch_batches(dataset, configs, collator, rank, world, device, skip=0):
                       collate_fn=collator, num_workers=workers, pin_memory=workers > 0, generator=torch.Generator())
 
 
+def max_new_tokens(configs):
+    """The reference's generation budget: 64 new tokens for GSM8K, else 128."""
+    return 64 if "gsm" in configs.val_path else 128
+
+
 def stage_for_epoch(configs, epoch):
     """The curriculum stage of 0-based `epoch`, for training and evaluation.
     `no_curriculum`: the final stage, max_latent_stage + 1 (all steps
@@ -609,7 +614,7 @@ def run(configs, rank, world, device):
     if not configs.only_eval:  # first: load_data left this file's samples in memory
         base_train = get_dataset(configs.train_path, tokenizer, max_size=5000 if configs.debug else 100000000)
     base_valid = get_dataset(configs.val_path, tokenizer, max_size=32 if configs.debug else 100000000)
-    max_new_tokens = 64 if "gsm" in configs.val_path else 128
+    new_tokens = max_new_tokens(configs)
     markerless = configs.cot or configs.no_cot or configs.no_thoughts
 
     optimizer = None if configs.reset_optimizer else build_optimizer(parallel, configs)
@@ -642,7 +647,7 @@ def run(configs, rank, world, device):
             logger.log({"eval/loss": val_loss}, stage, epoch + 1, (epoch + 1) * per_epoch)
 
         with precision(configs, device):
-            acc, cot_em = evaluate(parallel, gen_set, raw_val, collator, tokenizer, configs, rank, world, device, max_new_tokens)
+            acc, cot_em = evaluate(parallel, gen_set, raw_val, collator, tokenizer, configs, rank, world, device, new_tokens)
         steps_done = 0 if configs.only_eval else (epoch + 1) * per_epoch
         logger.log({"eval/acc": acc, "eval/cot_em": cot_em}, stage, epoch + 1, steps_done)
         if configs.only_eval:

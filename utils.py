@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import yaml
 
+from coconut import LATENT_NORMS
+
 
 class UserError(Exception):
     """A mistake in the user's input (config, data, paths). run.py prints it as
@@ -74,8 +76,6 @@ CONFIG_KEYS = {
     "latent_norm": (str, "none", "normalisation of the fed-back vector: none, rms or layernorm"),
     "latent_projection": (bool, False, "learned linear map (identity at init) on the fed-back vector"),
 }
-
-LATENT_NORMS = ("none", "rms", "layernorm")
 
 
 def _typed(key, value, source):
