@@ -42,21 +42,23 @@ def concept_names(rng, count):
 
 
 # --------------------------------------------------------------------- graph
-def graph_sample(rng, names, hops, distractors):
-    """Two disjoint chains of `hops` facts each, the start on one of them; the
-    two chain ends are the options. Extra concepts point into either chain
-    (never out of the start's chain), so they change no reachability from
-    the start but hide which chain is which. Without the steps, telling the
-    options apart means composing `hops` lookups."""
-    chosen = rng.sample(names, 2 * (hops + 1) + distractors)
-    path, other, extra = chosen[: hops + 1], chosen[hops + 1 : 2 * hops + 2], chosen[2 * hops + 2 :]
+def graph_sample(rng, path, other, extra, sort_facts):
+    """Two disjoint chains `path` and `other` (concept lists, the last of each
+    an option), the start at path[0]. Each `extra` concept points into either
+    chain (never at the start), so it changes no reachability from the start
+    but hides which chain is which. Without the steps, telling the options
+    apart means composing one lookup per hop."""
     edges = list(zip(path, path[1:])) + list(zip(other, other[1:]))
     edges += [(name, rng.choice(path[1:] + other[1:])) for name in extra]
-    rng.shuffle(edges)
+    if sort_facts:
+        edges.sort()
+    else:
+        rng.shuffle(edges)
     person = rng.choice(PEOPLE)
     options = [path[-1], other[-1]]
     rng.shuffle(options)
     facts = " ".join(f"Every {a} is a {b}." for a, b in edges)
+    chosen = path + other + extra
     index = {name: i for i, name in enumerate(chosen)}
     return {
         "question": f"{facts} {person} is a {path[0]}. Is {person} a {options[0]} or {options[1]}?",
@@ -70,11 +72,37 @@ def graph_sample(rng, names, hops, distractors):
     }
 
 
-def generate_graph(rng, min_hops=3, max_hops=4, distractors=2, concepts=40):
+def shuffled_graph(rng, names, hops, distractors):
+    """ProsQA's layout: the concepts of each sample are drawn from `names`,
+    the facts come in random order."""
+    chosen = rng.sample(names, 2 * (hops + 1) + distractors)
+    path, other, extra = chosen[: hops + 1], chosen[hops + 1 : 2 * hops + 2], chosen[2 * hops + 2 :]
+    return graph_sample(rng, path, other, extra, sort_facts=False)
+
+
+def sorted_graph(rng, subjects, options, hops):
+    """The knowledge-base layout: every sample states one fact about each of
+    the same `subjects`, sorted by subject, and the chains end in two of
+    `options`, concepts that are never a subject. Finding a fact is then
+    finding its place in a fixed list, which a tiny model learns in minutes,
+    while the path through the facts is as random as in ProsQA's layout."""
+    order = rng.sample(subjects, len(subjects))
+    ends = rng.sample(options, 2)
+    path, other = order[:hops] + ends[:1], order[hops : 2 * hops] + ends[1:]
+    return graph_sample(rng, path, other, order[2 * hops :], sort_facts=True)
+
+
+def generate_graph(rng, min_hops=3, max_hops=4, distractors=2, concepts=40, fact_order="shuffled"):
     names = concept_names(rng, concepts)
+    if fact_order == "sorted":
+        subjects = 2 * max_hops + distractors
+        if concepts < subjects + 2:
+            raise ConvertError(f"--concepts: {concepts} names are too few for {subjects} subjects ({max_hops} hops, {distractors} distractors) and 2 options")
+        subjects, options = sorted(names[:subjects]), names[subjects:]
+        return lambda: sorted_graph(rng, subjects, options, rng.randint(min_hops, max_hops))
     if concepts < 2 * (max_hops + 1) + distractors:
         raise ConvertError(f"--concepts: {concepts} names are too few for {max_hops} hops and {distractors} distractors")
-    return lambda: graph_sample(rng, names, rng.randint(min_hops, max_hops), distractors)
+    return lambda: shuffled_graph(rng, names, rng.randint(min_hops, max_hops), distractors)
 
 
 # ------------------------------------------------------------------- pointer
@@ -162,6 +190,10 @@ def parse_args(argv):
     parser.add_argument("--max-hops", type=int, default=4, help="graph, pointer: most reasoning steps")
     parser.add_argument("--distractors", type=int, default=2, help="graph: extra concepts pointing into the chains")
     parser.add_argument("--concepts", type=int, default=40, help="graph: size of the concept-name pool")
+    parser.add_argument(
+        "--fact-order", choices=("shuffled", "sorted"), default="shuffled",
+        help="graph: shuffled (ProsQA) or sorted, one fact about each of a fixed set of concepts (what the quickstart uses)",
+    )
     parser.add_argument("--variables", type=int, default=12, help="pointer: variables in the link list")
     parser.add_argument("--digits-a", type=int, default=3, help="multiply: digits of the first factor")
     parser.add_argument("--digits-b", type=int, default=2, help="multiply: digits of the second factor (= steps)")
@@ -176,7 +208,10 @@ def parse_args(argv):
 
 def task_options(args):
     if args.task == "graph":
-        return dict(min_hops=args.min_hops, max_hops=args.max_hops, distractors=args.distractors, concepts=args.concepts)
+        return dict(
+            min_hops=args.min_hops, max_hops=args.max_hops, distractors=args.distractors,
+            concepts=args.concepts, fact_order=args.fact_order,
+        )
     if args.task == "pointer":
         return dict(min_hops=args.min_hops, max_hops=args.max_hops, variables=args.variables)
     return dict(digits_a=args.digits_a, digits_b=args.digits_b)

@@ -80,7 +80,13 @@ def check_multiply_sample(sample, digits_b):
     assert sample["answer"] == str(a * b)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(min_hops=2, max_hops=5, distractors=4, concepts=60)])
+SORTED = dict(fact_order="sorted", min_hops=3, max_hops=3, distractors=2, concepts=20)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(min_hops=2, max_hops=5, distractors=4, concepts=60), SORTED, dict(SORTED, min_hops=2, max_hops=4)],
+)
 def test_graph_samples_are_valid(options):
     splits = tasks.generate("graph", 0, SIZES, **options)
     for samples in splits.values():
@@ -88,9 +94,10 @@ def test_graph_samples_are_valid(options):
             check_graph_sample(sample, options.get("min_hops", 3), options.get("max_hops", 4))
 
 
-def test_graph_options_are_balanced():
+@pytest.mark.parametrize("options", [dict(), SORTED])
+def test_graph_options_are_balanced(options):
     """The right option is first about half the time: no position shortcut."""
-    samples = tasks.generate("graph", 1, {"train": 400})["train"]
+    samples = tasks.generate("graph", 1, {"train": 400}, **options)["train"]
     first = sum(s["question"].split(" Is ")[1].split(" or ")[0].split(" a ")[1] in s["answer"] for s in samples)
     assert 0.4 < first / len(samples) < 0.6
 
@@ -128,6 +135,27 @@ def test_graph_fact_order_is_shuffled():
     assert in_order < len(samples) / 2
 
 
+@pytest.mark.parametrize("hops", [(3, 3), (2, 4)])
+def test_sorted_graph_lists_one_fact_per_subject(hops):
+    """The sorted layout states one fact about each of the same concepts, in
+    sorted order; the options are never subjects; the path still wanders
+    through the list in random order."""
+    options = dict(SORTED, min_hops=hops[0], max_hops=hops[1])
+    samples = tasks.generate("graph", 0, {"train": 300}, **options)["train"]
+    subject_lists = set()
+    in_order = 0
+    for s in samples:
+        edges, _, start, choices = parse_graph_question(s["question"])
+        subjects = [a for a, _ in edges]
+        assert subjects == sorted(set(subjects)) and len(subjects) == 2 * hops[1] + 2
+        assert not set(choices) & set(subjects) and start in subjects
+        subject_lists.add(tuple(subjects))
+        positions = [subjects.index(step.split()[1]) for step in s["steps"]]
+        in_order += positions == sorted(positions)
+    assert len(subject_lists) == 1
+    assert in_order < len(samples) / 2
+
+
 def test_cli_writes_loadable_files(tmp_path):
     from dataset import load_samples
 
@@ -145,6 +173,8 @@ def test_cli_writes_loadable_files(tmp_path):
         (["graph", "--train", "0"], "--train"),
         (["graph", "--min-hops", "4", "--max-hops", "3"], "--min-hops"),
         (["graph", "--concepts", "5"], "--concepts"),
+        (["graph", "--fact-order", "sorted", "--concepts", "11"], "--concepts"),
+        (["graph", "--fact-order", "alphabetical"], "--fact-order"),
         (["pointer", "--variables", "3", "--max-hops", "4"], "--variables"),
         (["multiply", "--digits-a", "1", "--digits-b", "1", "--train", "500"], "distinct questions"),
     ],
