@@ -6,6 +6,8 @@
   a A or B?" where exactly one of A, B is reachable from X. Steps are the
   facts along the path; the answer is "Alex is a A.". Samples carry the
   graph as ProsQA does (idx_to_symbol, edges, root, target, neg_target).
+  --fact-order sorted lists one fact about each of a fixed set of concepts,
+  sorted by subject, instead of ProsQA's random order.
 - pointer: a shuffled list of links "ka -> mo."; follow k of them from a
   start. Steps are the hops; the answer is where the chain ends.
 - multiply: multi-digit multiplication; steps are the partial products.
@@ -84,8 +86,9 @@ def sorted_graph(rng, subjects, options, hops):
     """The knowledge-base layout: every sample states one fact about each of
     the same `subjects`, sorted by subject, and the chains end in two of
     `options`, concepts that are never a subject. Finding a fact is then
-    finding its place in a fixed list, which a tiny model learns in minutes,
-    while the path through the facts is as random as in ProsQA's layout."""
+    finding its place in a fixed list, which a tiny model learns far sooner
+    than a lookup by content, while the path through the facts is as random
+    as in ProsQA's layout."""
     order = rng.sample(subjects, len(subjects))
     ends = rng.sample(options, 2)
     path, other = order[:hops] + ends[:1], order[hops : 2 * hops] + ends[1:]
@@ -97,7 +100,9 @@ def generate_graph(rng, min_hops=3, max_hops=4, distractors=2, concepts=40, fact
     if fact_order == "sorted":
         subjects = 2 * max_hops + distractors
         if concepts < subjects + 2:
-            raise ConvertError(f"--concepts: {concepts} names are too few for {subjects} subjects ({max_hops} hops, {distractors} distractors) and 2 options")
+            raise ConvertError(
+                f"--concepts: {concepts} names are too few for {subjects} subjects ({max_hops} hops, {distractors} distractors) and 2 options"
+            )
         subjects, options = sorted(names[:subjects]), names[subjects:]
         return lambda: sorted_graph(rng, subjects, options, rng.randint(min_hops, max_hops))
     if concepts < 2 * (max_hops + 1) + distractors:
@@ -192,7 +197,7 @@ def parse_args(argv):
     parser.add_argument("--concepts", type=int, default=40, help="graph: size of the concept-name pool")
     parser.add_argument(
         "--fact-order", choices=("shuffled", "sorted"), default="shuffled",
-        help="graph: shuffled (ProsQA) or sorted, one fact about each of a fixed set of concepts (what the quickstart uses)",
+        help="graph: shuffled (ProsQA) or sorted, one fact about each of a fixed set of concepts, listed by subject",
     )
     parser.add_argument("--variables", type=int, default=12, help="pointer: variables in the link list")
     parser.add_argument("--digits-a", type=int, default=3, help="multiply: digits of the first factor")
