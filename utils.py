@@ -177,8 +177,8 @@ def check_ablations(config, source):
     back) is a contradiction, not a silent no-op."""
     if config.latent_norm not in LATENT_NORMS:
         raise UserError(f"{source}: key 'latent_norm' must be one of {', '.join(LATENT_NORMS)}, got {config.latent_norm!r}")
-    changed = [k for k in ("no_curriculum", "pause_as_thought", "latent_projection") if config[k]]
-    changed += [k for k, default in (("latent_layer", -1), ("latent_norm", "none")) if config[k] != default]
+    keys = ("no_curriculum", "pause_as_thought", "latent_projection", "latent_layer", "latent_norm")
+    changed = [k for k in keys if config[k] != CONFIG_KEYS[k][1]]
     if changed and not config.coconut:
         raise UserError(f"{source}: key '{changed[0]}' needs coconut: True (it changes how continuous thoughts are trained)")
     feedback = [k for k in changed if k.startswith("latent_")]
