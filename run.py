@@ -540,12 +540,19 @@ def load_data(configs):
     return raw_val
 
 
+def in_run_folder(path, configs):
+    return os.path.dirname(os.path.abspath(path)) == os.path.abspath(run_folder(configs))
+
+
 def restore_progress(configs, parallel, optimizer, rank):
     """The training state saved beside the weights being resumed: best
     accuracy, wandb run id, RNG, and the optimizer (unless a fresh one is due
-    anyway). A weights-only (reference) checkpoint restores nothing."""
+    anyway). A weights-only (reference) checkpoint restores nothing, and so
+    does one from another run's folder: a warm start (a CoT checkpoint
+    starting a Coconut run) takes its weights only, as the reference does,
+    and is a run of its own."""
     progress = {"best_acc": 0.0, "best_name": None, "wandb_id": None}
-    if configs.load_model_path == "None" or configs.only_eval:
+    if configs.load_model_path == "None" or configs.only_eval or not in_run_folder(configs.load_model_path, configs):
         return progress, optimizer
     try:
         state = checkpoints.read_state(configs.load_model_path)

@@ -80,6 +80,28 @@ def test_coconut_run_resume_and_eval(workspace, tmp_path):
     assert "Training Epoch" not in evaluated.stderr and checkpoints(root, "single-eval") == []
 
 
+def test_warm_start_from_another_run_takes_its_weights_only(workspace, tmp_path):
+    """A CoT checkpoint starting a Coconut run in another folder (the
+    quickstart's chain): the weights load, the `.state` beside them (best
+    accuracy, wandb run, RNG) stays with the run that wrote it."""
+    root, model_dir = workspace
+    done = run_cli([write_config(root, model_dir, "warm-cot", coconut=False, cot=True, num_epochs=1)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    source = root / "runs" / "warm-cot" / "checkpoint_1"
+    state = torch.load(f"{source}.state", weights_only=False)
+    state["best_acc"] = 2.0  # above any accuracy, so a carried-over value shows
+    torch.save(state, f"{source}.state")
+
+    config = write_config(root, model_dir, "warm-coconut", load_model_path=str(source), resume=1, num_epochs=2)
+    done = run_cli([config], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Training Epoch: 2" in done.stderr and "resuming" not in done.stdout
+    assert checkpoints(root, "warm-coconut") == ["checkpoint_2"]
+    started = torch.load(root / "runs" / "warm-coconut" / "checkpoint_2.state", weights_only=False)
+    assert started["best_acc"] <= 1.0
+    assert started["wandb_id"] and started["wandb_id"] != state["wandb_id"]
+
+
 def test_two_processes_with_torchrun(workspace, tmp_path):
     root, model_dir = workspace
     config = write_config(root, model_dir, "pair", num_epochs=2, batch_size_eval=2)
