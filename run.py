@@ -594,6 +594,12 @@ def epoch_batches(dataset, configs, collator, rank, world, device, skip=0):
                       collate_fn=collator, num_workers=workers, pin_memory=workers > 0, generator=torch.Generator())
 
 
+def train_size(configs):
+    """How many samples of train_path to train on, from its start."""
+    size = configs.train_samples or 100000000
+    return min(size, 5000) if configs.debug else size
+
+
 def max_new_tokens(configs):
     """The reference's generation budget: 64 new tokens for GSM8K, else 128."""
     return 64 if "gsm" in configs.val_path else 128
@@ -619,7 +625,7 @@ def run(configs, rank, world, device):
     start_id, end_id, latent_id = ids["<|start-latent|>"], ids["<|end-latent|>"], ids["<|latent|>"]
 
     if not configs.only_eval:  # first: load_data left this file's samples in memory
-        base_train = get_dataset(configs.train_path, tokenizer, max_size=5000 if configs.debug else 100000000)
+        base_train = get_dataset(configs.train_path, tokenizer, max_size=train_size(configs))
     base_valid = get_dataset(configs.val_path, tokenizer, max_size=32 if configs.debug else 100000000)
     new_tokens = max_new_tokens(configs)
     markerless = configs.cot or configs.no_cot or configs.no_thoughts

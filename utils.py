@@ -67,6 +67,7 @@ CONFIG_KEYS = {
     "batch_size_eval": (int, 1, "validation prompts generated together per process (same results as 1)"),
     "save_every_steps": (int, 0, "also save a mid-epoch checkpoint every this many optimizer steps (0: never)"),
     "keep_last": (int, 0, "keep only the newest this many checkpoints, plus the best (0: keep all)"),
+    "train_samples": (int, 0, "train on the first this many samples of train_path (0: all)"),
     "mixed_precision": (bool, False, "bf16 autocast with float32 weights and AdamW state"),
     # ablations (SPEC section 9); the pause-token baseline is pause_as_thought + no_curriculum
     "no_curriculum": (bool, False, "Coconut trained and evaluated at the final stage (all steps replaced) from epoch 0"),
@@ -156,7 +157,7 @@ def check_config(config, source):
     for key in ("lr",):
         if config[key] <= 0:
             raise UserError(f"{source}: key '{key}' must be > 0")
-    for key in ("c_thought", "epochs_per_stage", "max_latent_stage", "resume", "seed", "save_every_steps", "keep_last", "weight_decay"):
+    for key in ("c_thought", "epochs_per_stage", "max_latent_stage", "resume", "seed", "save_every_steps", "keep_last", "train_samples", "weight_decay"):
         if config[key] < 0:
             raise UserError(f"{source}: key '{key}' must be >= 0")
     for key in ("batch_size_training", "batch_size_eval", "gradient_accumulation_steps", "epochs_per_stage", "num_epochs"):

@@ -53,6 +53,7 @@ def test_overrides(tmp_path):
         ({"name": None}, "key 'name' must be str"),
         ({"cot": True, "coconut": True}, "keys coconut and cot are both set"),
         ({"batch_size_training": 0}, "key 'batch_size_training' must be >= 1"),
+        ({"train_samples": -1}, "key 'train_samples' must be >= 0"),
         ({"uniform_prob": 2.0}, "key 'uniform_prob' must be between 0 and 1"),
         ({"train_path": None}, "key 'train_path' must be str"),
     ],

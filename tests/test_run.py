@@ -102,6 +102,15 @@ def test_warm_start_from_another_run_takes_its_weights_only(workspace, tmp_path)
     assert started["wandb_id"] and started["wandb_id"] != state["wandb_id"]
 
 
+def test_train_samples_trains_on_the_start_of_the_file(workspace, tmp_path):
+    root, model_dir = workspace
+    config = write_config(root, model_dir, "subset", coconut=False, cot=True, num_epochs=1, batch_size_training=1, train_samples=2)
+    done = run_cli([config, "save_path=" + str(tmp_path / "runs")], tmp_path, WANDB_MODE="disabled")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "batch 1/2 " in done.stderr and "/3 " not in done.stderr
+    assert len(json.loads((root / "train.json").read_text())) > 2
+
+
 def test_two_processes_with_torchrun(workspace, tmp_path):
     root, model_dir = workspace
     config = write_config(root, model_dir, "pair", num_epochs=2, batch_size_eval=2)
