@@ -105,7 +105,7 @@ def test_warm_start_from_another_run_takes_its_weights_only(workspace, tmp_path)
 def test_train_samples_trains_on_the_start_of_the_file(workspace, tmp_path):
     root, model_dir = workspace
     config = write_config(root, model_dir, "subset", coconut=False, cot=True, num_epochs=1, batch_size_training=1, train_samples=2)
-    done = run_cli([config, "save_path=" + str(tmp_path / "runs")], tmp_path, WANDB_MODE="disabled")
+    done = run_cli([config], tmp_path, WANDB_MODE="disabled")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "batch 1/2 " in done.stderr and "/3 " not in done.stderr
     assert len(json.loads((root / "train.json").read_text())) > 2
