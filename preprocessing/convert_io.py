@@ -1,5 +1,7 @@
-"""Shared by the converters: the bad-input error and the atomic JSON write."""
+"""Shared by the preprocessing scripts: the bad-input error, the command-line
+parser and the atomic JSON write."""
 
+import argparse
 import json
 import os
 import tempfile
@@ -7,6 +9,13 @@ import tempfile
 
 class ConvertError(Exception):
     """Bad input; a converter's main() prints it as one line instead of a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other bad input's, with exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def write_json_atomic(data, out):

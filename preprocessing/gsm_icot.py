@@ -8,12 +8,11 @@ Usage: python preprocessing/gsm_icot.py SPLIT [--src FILE] [--out FILE]
 (defaults: data/raw/gsm_SPLIT.txt -> data/gsm_SPLIT.json).
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert_io import ConvertError, write_json_atomic  # noqa: E402
+from convert_io import ArgumentParser, ConvertError, write_json_atomic  # noqa: E402
 
 
 def parse_gsm_line(line):
@@ -53,7 +52,7 @@ def convert_gsm(src, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("split", help="split name, e.g. train, valid or test")
     parser.add_argument("--src", help="raw file (default: data/raw/gsm_SPLIT.txt)")
     parser.add_argument("--out", help="output JSON (default: data/gsm_SPLIT.json)")

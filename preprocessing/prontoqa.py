@@ -14,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert_io import ConvertError, write_json_atomic  # noqa: E402
+from convert_io import ArgumentParser, ConvertError, write_json_atomic  # noqa: E402
 
 
 def convert_example(example):
@@ -75,7 +75,7 @@ def count(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--src", default="data/raw/5hop_0shot_random.json", help="generator output JSON")
     parser.add_argument("--out-dir", default="data", help="folder for prontoqa_{train,valid,test}.json")
     parser.add_argument("--n-train", type=count, default=9000, help="first N examples go to train")

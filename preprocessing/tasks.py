@@ -18,7 +18,6 @@ writes <out-dir>/<task>_{train,valid,test}.json. The same seed and sizes give
 the same files; no question appears in two splits.
 """
 
-import argparse
 import itertools
 import os
 import random
@@ -27,7 +26,7 @@ import sys
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert_io import ConvertError, write_json_atomic  # noqa: E402
+from convert_io import ArgumentParser, ConvertError, write_json_atomic  # noqa: E402
 
 PEOPLE = ("Alex", "Sam", "Max", "Tom", "Eva", "Ivy", "Leo", "Mia", "Ada", "Ben")
 ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "z", "br", "gr", "sk", "tr", "zh")
@@ -184,7 +183,7 @@ def generate(task, seed, sizes, **options):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Generate a built-in reasoning task in the project's JSON format.")
+    parser = ArgumentParser(description="Generate a built-in reasoning task in the project's JSON format.")
     parser.add_argument("task", choices=sorted(GENERATORS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=8000, help="training samples")
