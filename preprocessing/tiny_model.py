@@ -5,19 +5,22 @@ any HuggingFace model). No network.
 
 Usage: python preprocessing/tiny_model.py data/graph_train.json [more.json ...]
        [--out models/tiny-gpt2] [--n-layer 4] [--n-embd 128] [--n-head 4]
-       [--n-positions 512] [--vocab-size 1000] [--dropout 0] [--seed 0]
+       [--n-positions 512] [--n-inner 4*n_embd] [--activation gelu_new]
+       [--vocab-size 1000] [--dropout 0] [--seed 0]
 """
 
-import argparse
 import os
 import shutil
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from convert_io import ArgumentParser  # noqa: E402
 from utils import UserError  # noqa: E402
 
 EOS = "<|endoftext|>"
+ACTIVATIONS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "relu", "silu")
 
 
 def corpus(samples):
@@ -44,7 +47,7 @@ def train_tokenizer(texts, vocab_size):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
 
 
-def build_model(tokenizer, n_layer, n_embd, n_head, n_positions, seed, dropout=0.0):
+def build_model(tokenizer, n_layer, n_embd, n_head, n_positions, seed, dropout=0.0, n_inner=None, activation="gelu_new"):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -52,12 +55,16 @@ def build_model(tokenizer, n_layer, n_embd, n_head, n_positions, seed, dropout=0
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         bos_token_id=eos, eos_token_id=eos, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        n_inner=n_inner, activation_function=activation,
     )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)
 
 
-def build(data_paths, out, n_layer=4, n_embd=128, n_head=4, n_positions=512, vocab_size=1000, seed=0, dropout=0.0):
+def build(
+    data_paths, out, n_layer=4, n_embd=128, n_head=4, n_positions=512, vocab_size=1000, seed=0, dropout=0.0,
+    n_inner=None, activation="gelu_new",
+):
     """Write tokenizer and model to `out` (replacing what was there, only once
     the new one is complete). Returns the model's parameter count."""
     from dataset import load_samples
@@ -69,7 +76,7 @@ def build(data_paths, out, n_layer=4, n_embd=128, n_head=4, n_positions=512, voc
     longest = max(len(ids) for ids in tokenizer(texts[:2000])["input_ids"])
     if longest + 16 > n_positions:
         raise UserError(f"--n-positions ({n_positions}) is too small: samples reach {longest} tokens")
-    model = build_model(tokenizer, n_layer, n_embd, n_head, n_positions, seed, dropout)
+    model = build_model(tokenizer, n_layer, n_embd, n_head, n_positions, seed, dropout, n_inner, activation)
     temporary = out.rstrip("/") + ".tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     tokenizer.save_pretrained(temporary)
@@ -80,25 +87,29 @@ def build(data_paths, out, n_layer=4, n_embd=128, n_head=4, n_positions=512, voc
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build a tiny GPT-2 and its tokenizer from data files, offline.")
+    parser = ArgumentParser(description="Build a tiny GPT-2 and its tokenizer from data files, offline.")
     parser.add_argument("data", nargs="+", help="data files (project JSON format) to train the tokenizer on")
     parser.add_argument("--out", default="models/tiny-gpt2", help="folder to save into (a config's model_id)")
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--n-positions", type=int, default=512)
+    parser.add_argument("--n-inner", type=int, default=None, help="width of the MLP (default 4 * --n-embd)")
+    parser.add_argument("--activation", default="gelu_new", choices=ACTIVATIONS,
+                        help="the MLP's activation (GPT-2's own is gelu_new; relu is the cheapest on a CPU)")
     parser.add_argument("--vocab-size", type=int, default=1000, help="upper bound; small corpora stop earlier")
     parser.add_argument("--dropout", type=float, default=0.0, help="GPT-2's three dropout rates (0: a tiny model trained briefly learns faster without)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for key in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size"):
-        if getattr(args, key) < 1:
+    for key in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "n_inner"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     if not 0 <= args.dropout < 1:
         parser.error("--dropout must be in [0, 1)")
     try:
         params, vocab, longest = build(
-            args.data, args.out, args.n_layer, args.n_embd, args.n_head, args.n_positions, args.vocab_size, args.seed, args.dropout
+            args.data, args.out, args.n_layer, args.n_embd, args.n_head, args.n_positions, args.vocab_size, args.seed, args.dropout,
+            args.n_inner, args.activation,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -200,6 +200,7 @@ def test_tiny_model_builds_and_loads(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.n_layer == 2 and model.config.n_embd == 32
+    assert model.config.activation_function == "gelu_new" and model.config.n_inner is None  # GPT-2's own MLP
     assert model.config.vocab_size == len(tokenizer)
     assert tokenizer.eos_token == "<|endoftext|>" and model.config.eos_token_id == tokenizer.eos_token_id
     sample = load_samples(str(data))[0]
@@ -210,6 +211,18 @@ def test_tiny_model_builds_and_loads(tmp_path):
     for name in sample["idx_to_symbol"]:
         assert len(tokenizer(" " + name)["input_ids"]) == 1
     assert not (tmp_path / "model.tmp").exists()
+
+
+def test_tiny_model_mlp_options(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    assert cli("tasks.py", "graph", "--train", 50, "--valid", 5, "--test", 0, "--out-dir", tmp_path).returncode == 0
+    out = tmp_path / "model"
+    args = ("--out", out, "--n-layer", 1, "--n-embd", 32, "--n-head", 2, "--n-inner", 48, "--activation", "relu")
+    assert cli("tiny_model.py", tmp_path / "graph_train.json", *args).returncode == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.activation_function == "relu" and model.config.n_inner == 48
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (32, 48)
 
 
 def test_tiny_model_digits_are_single_tokens(tmp_path):
@@ -224,6 +237,8 @@ def test_tiny_model_digits_are_single_tokens(tmp_path):
     [
         (["--n-embd", "30", "--n-head", "4"], "--n-embd"),
         (["--n-positions", "20"], "--n-positions"),
+        (["--n-inner", "0"], "--n-inner"),
+        (["--activation", "swish"], "--activation"),
     ],
 )
 def test_tiny_model_bad_options(tmp_path, args, needle):
