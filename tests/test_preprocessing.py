@@ -192,3 +192,17 @@ def test_prontoqa_too_few_examples(tmp_path):
     result = cli("prontoqa.py", "--src", src, "--out-dir", tmp_path / "out", "--n-train", 4, "--n-valid", 2)
     assert_one_line_error(result, str(src), "only 6 examples")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "script, args, needle",
+    [
+        ("gsm_icot.py", [], "split"),
+        ("prontoqa.py", ["--n-train", "-1"], "--n-train"),
+        ("prontoqa.py", ["--no-such-option"], "--no-such-option"),
+        ("tasks.py", ["graph", "--train", "0"], "--train"),
+        ("tasks.py", ["graph", "--min-hops", "4", "--max-hops", "3"], "--min-hops"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(script, args, needle):
+    assert_one_line_error(cli(script, *args), needle, f"see {script} --help")
