@@ -76,7 +76,9 @@ def build(
     longest = max(len(ids) for ids in tokenizer(texts[:2000])["input_ids"])
     if longest + 16 > n_positions:
         raise UserError(f"--n-positions ({n_positions}) is too small: samples reach {longest} tokens")
-    model = build_model(tokenizer, n_layer, n_embd, n_head, n_positions, seed, dropout, n_inner, activation)
+    model = build_model(
+        tokenizer, n_layer, n_embd, n_head, n_positions, seed, dropout=dropout, n_inner=n_inner, activation=activation
+    )
     temporary = out.rstrip("/") + ".tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     tokenizer.save_pretrained(temporary)
@@ -107,10 +109,9 @@ def main(argv=None):
     if not 0 <= args.dropout < 1:
         parser.error("--dropout must be in [0, 1)")
     try:
-        params, vocab, longest = build(
-            args.data, args.out, args.n_layer, args.n_embd, args.n_head, args.n_positions, args.vocab_size, args.seed, args.dropout,
-            args.n_inner, args.activation,
-        )
+        # every option but the paths is one of build()'s keywords, under the same name
+        options = {key: value for key, value in vars(args).items() if key not in ("data", "out")}
+        params, vocab, longest = build(args.data, args.out, **options)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
