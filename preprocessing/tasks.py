@@ -11,8 +11,13 @@
 - pointer: a shuffled list of links "ka -> mo."; follow k of them from a
   start. Steps are the hops; the answer is where the chain ends.
 - multiply: multi-digit multiplication; steps are the partial products.
+- modsum: the sum of a row of digits modulo M ("Sum mod 10: 37294"); step
+  k is the k-th digit and the running sum ("33", "70", "22", ...). The answer is
+  independent of every proper subset of the digits (parity is M = 2), so without steps a
+  model gets no partial credit to learn from, while each step is one
+  addition of two digits.
 
-Usage: python preprocessing/tasks.py {graph,pointer,multiply} [--seed 0]
+Usage: python preprocessing/tasks.py {graph,pointer,multiply,modsum} [--seed 0]
        [--train N] [--valid N] [--test N] [--out-dir data] [task options]
 writes <out-dir>/<task>_{train,valid,test}.json. The same seed and sizes give
 the same files; no question appears in two splits.
@@ -154,7 +159,28 @@ def generate_multiply(rng, digits_a=3, digits_b=2):
     return lambda: multiply_sample(rng, digits_a, digits_b)
 
 
-GENERATORS = {"graph": generate_graph, "pointer": generate_pointer, "multiply": generate_multiply}
+# -------------------------------------------------------------------- modsum
+def modsum_sample(rng, terms, modulus):
+    """`terms` digits below `modulus`. Step k is two digits: the k-th digit of
+    the question, then the sum of the first k digits modulo `modulus`
+    ("Sum mod 10: 347" has steps "33", "47", "74"): every step reads one
+    digit and adds it to the previous step's sum."""
+    digits = [rng.randrange(modulus) for _ in range(terms)]
+    steps, total = [], 0
+    for digit in digits:
+        total = (total + digit) % modulus
+        steps.append(f"{digit}{total}")
+    return {"question": f"Sum mod {modulus}: {''.join(map(str, digits))}", "steps": steps, "answer": str(total)}
+
+
+def generate_modsum(rng, min_hops=3, max_hops=4, modulus=10):
+    """One step per digit: a sample has min_hops to max_hops digits."""
+    if not 2 <= modulus <= 10:
+        raise ConvertError(f"--modulus must be between 2 and 10 (digits are single characters), got {modulus}")
+    return lambda: modsum_sample(rng, rng.randint(min_hops, max_hops), modulus)
+
+
+GENERATORS = {"graph": generate_graph, "pointer": generate_pointer, "multiply": generate_multiply, "modsum": generate_modsum}
 
 
 def generate(task, seed, sizes, **options):
@@ -190,8 +216,8 @@ def parse_args(argv):
     parser.add_argument("--valid", type=int, default=300, help="validation samples")
     parser.add_argument("--test", type=int, default=500, help="test samples")
     parser.add_argument("--out-dir", default="data")
-    parser.add_argument("--min-hops", type=int, default=3, help="graph, pointer: fewest reasoning steps")
-    parser.add_argument("--max-hops", type=int, default=4, help="graph, pointer: most reasoning steps")
+    parser.add_argument("--min-hops", type=int, default=3, help="graph, pointer, modsum: fewest reasoning steps")
+    parser.add_argument("--max-hops", type=int, default=4, help="graph, pointer, modsum: most reasoning steps")
     parser.add_argument("--distractors", type=int, default=2, help="graph: extra concepts pointing into the chains")
     parser.add_argument("--concepts", type=int, default=40, help="graph: size of the concept-name pool")
     parser.add_argument(
@@ -201,6 +227,7 @@ def parse_args(argv):
     parser.add_argument("--variables", type=int, default=12, help="pointer: variables in the link list")
     parser.add_argument("--digits-a", type=int, default=3, help="multiply: digits of the first factor")
     parser.add_argument("--digits-b", type=int, default=2, help="multiply: digits of the second factor (= steps)")
+    parser.add_argument("--modulus", type=int, default=10, help="modsum: the modulus, 2 to 10 (digits are drawn below it)")
     args = parser.parse_args(argv)
     for key, least in (("train", 1), ("valid", 1), ("test", 0), ("distractors", 0)):
         if getattr(args, key) < least:
@@ -218,6 +245,8 @@ def task_options(args):
         )
     if args.task == "pointer":
         return dict(min_hops=args.min_hops, max_hops=args.max_hops, variables=args.variables)
+    if args.task == "modsum":
+        return dict(min_hops=args.min_hops, max_hops=args.max_hops, modulus=args.modulus)
     return dict(digits_a=args.digits_a, digits_b=args.digits_b)
 
 

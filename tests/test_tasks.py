@@ -80,6 +80,18 @@ def check_multiply_sample(sample, digits_b):
     assert sample["answer"] == str(a * b)
 
 
+def check_modsum_sample(sample, min_hops, max_hops, modulus):
+    prefix, digits = sample["question"].split(": ")
+    assert prefix == f"Sum mod {modulus}" and min_hops <= len(digits) <= max_hops
+    assert all(int(d) < modulus for d in digits)
+    total = 0
+    assert len(sample["steps"]) == len(digits)
+    for digit, step in zip(digits, sample["steps"]):
+        total = (total + int(digit)) % modulus
+        assert step == f"{digit}{total}"  # the digit read, then the running sum
+    assert sample["answer"] == str(total)
+
+
 SORTED = dict(fact_order="sorted", min_hops=3, max_hops=3, distractors=2, concepts=20)
 
 
@@ -112,6 +124,20 @@ def test_multiply_samples_are_valid():
     for samples in tasks.generate("multiply", 0, SIZES, digits_a=4, digits_b=3).values():
         for sample in samples:
             check_multiply_sample(sample, 3)
+
+
+@pytest.mark.parametrize("options, modulus", [(dict(min_hops=5, max_hops=5), 10), (dict(min_hops=8, max_hops=10, modulus=2), 2)])
+def test_modsum_samples_are_valid(options, modulus):
+    for samples in tasks.generate("modsum", 0, SIZES, **options).values():
+        for sample in samples:
+            check_modsum_sample(sample, options["min_hops"], options["max_hops"], modulus)
+
+
+def test_modsum_answers_are_balanced():
+    """Every residue is about equally likely: no answer to guess."""
+    samples = tasks.generate("modsum", 2, {"train": 2000}, min_hops=5, max_hops=5)["train"]
+    counts = [sum(s["answer"] == str(r) for s in samples) for r in range(10)]
+    assert min(counts) > 150 and max(counts) < 250
 
 
 @pytest.mark.parametrize("task", sorted(tasks.GENERATORS))
@@ -177,6 +203,8 @@ def test_cli_writes_loadable_files(tmp_path):
         (["graph", "--fact-order", "alphabetical"], "--fact-order"),
         (["pointer", "--variables", "3", "--max-hops", "4"], "--variables"),
         (["multiply", "--digits-a", "1", "--digits-b", "1", "--train", "500"], "distinct questions"),
+        (["modsum", "--modulus", "11"], "--modulus"),
+        (["modsum", "--modulus", "1"], "--modulus"),
     ],
 )
 def test_cli_bad_options(tmp_path, args, needle):
@@ -230,6 +258,19 @@ def test_tiny_model_digits_are_single_tokens(tmp_path):
     assert tasks_out.returncode == 0
     tokenizer = tiny_model.train_tokenizer(tiny_model.corpus(json.loads((tmp_path / "multiply_train.json").read_text())), 500)
     assert [tokenizer.decode([i]) for i in tokenizer("12345")["input_ids"]] == list("12345")
+
+
+def test_tiny_model_modsum_steps_are_three_tokens(tmp_path):
+    """The quickstart's c_thought (3) is the length of a modsum step: its two
+    digits and the newline are one token each, as are the question's digits."""
+    assert cli("tasks.py", "modsum", "--train", 300, "--valid", 5, "--test", 0, "--out-dir", tmp_path).returncode == 0
+    samples = json.loads((tmp_path / "modsum_train.json").read_text())
+    tokenizer = tiny_model.train_tokenizer(tiny_model.corpus(samples), 500)
+    for sample in samples[:20]:
+        for step in sample["steps"]:
+            assert [tokenizer.decode([i]) for i in tokenizer(step + "\n")["input_ids"]] == [step[0], step[1], "\n"]
+        digits = sample["question"].split(": ")[1]
+        assert tokenizer(digits)["input_ids"] == [tokenizer.convert_tokens_to_ids(d) for d in digits]
 
 
 @pytest.mark.parametrize(
