@@ -167,6 +167,9 @@ def check_config(config, source):
         raise UserError(f"{source}: key 'resume' ({config.resume}) must be below num_epochs ({config.num_epochs}): no epoch would run")
     if not 0.0 <= config.uniform_prob <= 1.0:
         raise UserError(f"{source}: key 'uniform_prob' must be between 0 and 1")
+    if config.cot and config.uniform_prob > 0:
+        # a drawn stage would put latent tokens into a model that has no rows for them
+        raise UserError(f"{source}: keys cot and uniform_prob are both set; CoT trains stage 0 only, uniform_prob draws later stages")
     if not config.only_eval and config.train_path == "None":
         raise UserError(f"{source}: key 'train_path' is required unless only_eval is set")
     check_ablations(config, source)

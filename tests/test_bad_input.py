@@ -63,6 +63,7 @@ CASES = [
     ("eval-no-checkpoint", {"only_eval": True}, [], "key 'load_model_path' must name a checkpoint when only_eval is set"),
     ("resume-past-end", {"resume": 5, "num_epochs": 5}, [], "key 'resume' (5) must be below num_epochs (5)"),
     ("uniform-prob", {"uniform_prob": 1.5}, [], "key 'uniform_prob' must be between 0 and 1"),
+    ("cot-uniform-prob", {"coconut": False, "cot": True, "uniform_prob": 0.3}, [], "keys cot and uniform_prob are both set"),
     ("zero-batch", {"batch_size_training": 0}, [], "key 'batch_size_training' must be >= 1"),
     ("negative-lr", {"lr": -0.1}, [], "key 'lr' must be > 0"),
     ("two-precisions", {"bf16": True, "mixed_precision": True}, [], "keys bf16 and mixed_precision are both set"),
