@@ -79,8 +79,9 @@ def train(kind, seed, threads, data, model, folder, overrides):
     return {stage: acc for stage, _, acc in rows}, seconds
 
 
-def table(results, kinds, n_stages):
+def table(results, kinds):
     """Markdown: one row per (seed, threads); Coconut's stages, then the baselines."""
+    n_stages = 1 + max((max(r["coconut"][0]) for r in results.values() if "coconut" in r), default=0)
     head = ["seed", "threads"]
     if "coconut" in kinds:
         head += [f"Coconut stage {s}" for s in range(n_stages)]
@@ -120,10 +121,10 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch
     from shapes import default_device, header
 
-    print(header(default_device()))
+    machine = header(default_device())
+    print(machine)
     folders = {seed: os.path.join(args.out, f"seed{seed}") for seed in args.seeds}
     sources = {seed: prepare(folder, seed) for seed, folder in folders.items()}
     results = {}
@@ -132,15 +133,13 @@ def main(argv=None):
         jobs = [(kind, seed, threads) for seed in args.seeds for kind in args.runs]
         with ThreadPoolExecutor(max_workers=max(1, args.jobs // threads)) as pool:
             futures = {job: pool.submit(train, *job, *sources[job[1]], folders[job[1]], args.overrides) for job in jobs}
-            for (kind, seed, threads), future in futures.items():
+            for (kind, seed, _), future in futures.items():
                 results.setdefault((seed, threads), {})[kind] = future.result()
                 print(f"seed {seed}, {threads} threads, {kind}: {future.result()[0]}", flush=True)
-    n_stages = 1 + max((max(r["coconut"][0]) for r in results.values() if "coconut" in r), default=0)
-    text = table(results, args.runs, n_stages)
-    print(f"torch threads: {args.threads} (OMP_NUM_THREADS); device: {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    text = table(results, args.runs)
     print(text)
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(header(default_device()) + "\n\n" + text + "\n")
+        f.write(machine + "\n\n" + text + "\n")
     with open(os.path.join(args.out, "table.json"), "w") as f:
         json.dump([{"seed": s, "threads": t, **{k: {"accuracy": v[0], "seconds": v[1]} for k, v in runs.items()}}
                    for (s, t), runs in sorted(results.items())], f, indent=1)
