@@ -7,13 +7,17 @@ training loop. See SPEC sections 5 and 6.
 """
 
 import inspect
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 
 import torch
 import torch.nn as nn
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 Outputs = namedtuple("Outputs", ["loss", "inputs_embeds", "logits"])
+
+# Where a batch's latents are: `columns` (B, max latents, -1 where a row has
+# fewer; on the CPU), the first latent column, and the number of latent passes.
+LatentPlan = namedtuple("LatentPlan", ["columns", "first", "n_passes"])
 
 # Upper bound on latent passes, used to give every rank the same number of
 # model calls during synced generation (the reference's padding rule).
@@ -36,6 +40,47 @@ def latent_columns(input_ids, latent_token_id):
         rank_in_row = is_latent.cumsum(dim=1)[rows, cols] - 1
         columns[rows, rank_in_row] = cols
     return columns
+
+
+def latent_plan(input_ids, latent_token_id):
+    """The batch's LatentPlan, computed on a CPU copy of the ids (the loader's
+    batch in training: no device sync). Refuses latents that are not aligned
+    across rows: row r's k-th latent must sit at the same column, first + k,
+    as every other row's, which is how MyCollator pads."""
+    columns = latent_columns(input_ids.cpu(), latent_token_id)
+    if not columns.shape[1]:
+        return LatentPlan(columns, input_ids.shape[1], 0)
+    present = columns >= 0
+    first = int(columns[present].min())
+    expected = first + torch.arange(columns.shape[1])
+    if first < 1 or not bool((columns == expected)[present].all()):
+        raise ValueError("latent tokens are not aligned across the batch; batch rows with MyCollator")
+    return LatentPlan(columns, first, columns.shape[1])
+
+
+def attention_rows(key_ok, start, end):
+    """A boolean 4-D attention mask (B, 1, end - start, keys) for the queries
+    at columns [start, end): causal, over the keys `key_ok` (B, keys) marks as
+    real. A query always sees itself, so padding rows never attend to nothing
+    (their outputs are unused, but must stay finite for the backward pass)."""
+    keys = torch.arange(key_ok.shape[1], device=key_ok.device)
+    queries = torch.arange(start, end, device=key_ok.device)[:, None]
+    visible = (keys <= queries) & (key_ok[:, None, :] | (keys == queries))
+    return visible[:, None]
+
+
+def fast_path_unsupported(model):
+    """Why `model` cannot take the fast path (None when it can): the fast
+    path passes its own 4-D boolean masks, which only SDPA attention reads as
+    such, and knows no sliding windows."""
+    config = model.config
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation != "sdpa":
+        return f"attention implementation {implementation!r} (the fast path needs 'sdpa')"
+    layer_types = getattr(config, "layer_types", None) or ()
+    if any(kind != "full_attention" for kind in layer_types) or getattr(config, "use_sliding_window", False):
+        return "sliding-window attention layers"
+    return None
 
 
 def positions_from_mask(attention_mask):
@@ -109,15 +154,62 @@ class Coconut(nn.Module):
             nn.init.zeros_(self.latent_projection.bias)
         else:
             self.latent_projection = None
+        # the fast path (use_fast_path); plain attributes, not modules, so the
+        # state dict keeps the reference keys
+        self.fast = False
+        self._compiled_model = None  # the base model's forward, compiled, for training passes
+        self._step = None  # the one-column step on a static cache, compiled or not
+        self._static_caches = OrderedDict()  # (batch, capacity, autocast) -> StaticCache
 
     def _cache_argument(self, cache):
         return {self._cache_name: cache}
 
+    def use_fast_path(self, enabled=True, compile=True, compile_training=True):
+        """Turn the fast path on or off. On: the latent passes get a 4-D mask
+        built once per batch and no host sync between them; generation runs
+        on a reused static KV cache whose one-column steps (latent passes and
+        new tokens) go through one function, compiled with CUDA graphs on a
+        GPU (`compile`). `compile_training` also compiles the model for the
+        training passes (dynamic shapes, no CUDA graphs). Results equal the
+        eager path's up to floating-point rounding; with compiled training,
+        dropout draws its own random stream. Raises ValueError when the model
+        does not support it (see fast_path_unsupported)."""
+        if enabled:
+            reason = fast_path_unsupported(self.base_causallm)
+            if reason:
+                raise ValueError(f"the fast path does not support this model: {reason}")
+        self.fast = enabled
+        self._static_caches.clear()
+        self._compiled_model = self._step = None
+        if not enabled:
+            return
+        self._step = self._one_column_step
+        if compile:
+            cuda = self.embedding.weight.device.type == "cuda"
+            # CUDA graphs ("reduce-overhead") fit the step: its shapes are fixed per cache
+            self._step = torch.compile(self._one_column_step, dynamic=False, mode="reduce-overhead" if cuda else None)
+        if compile and compile_training:
+            self._compiled_model = torch.compile(self._model_call, dynamic=True)
+
+    def _model_call(self, **kwargs):
+        return self.base_causallm(**kwargs)
+
+    def plan(self, input_ids):
+        """The batch's LatentPlan (no latent passes for pause_as_thought)."""
+        plan = latent_plan(input_ids, self.latent_token_id)
+        if self.pause_as_thought:
+            return LatentPlan(plan.columns[:, :0], input_ids.shape[1], 0)
+        return plan
+
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids, attention_mask, labels=None, position_ids=None, **kwargs):
+    def forward(self, input_ids, attention_mask, labels=None, position_ids=None, plan=None, **kwargs):
+        """`plan`, if given, is `self.plan(input_ids)` computed by the caller
+        on the CPU batch, which spares a device sync."""
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        logits, inputs_embeds, _ = self._continuous_forward(input_ids, attention_mask, position_ids)
+        plan = plan if plan is not None else self.plan(input_ids)
+        pass_through = self._fast_forward if self.fast else self._continuous_forward
+        logits, inputs_embeds = pass_through(input_ids, attention_mask, position_ids, plan)[:2]
         loss = None
         if labels is not None:
             # logits at column t predict the label at column t + 1
@@ -126,62 +218,96 @@ class Coconut(nn.Module):
             )
         return Outputs(loss=loss, inputs_embeds=inputs_embeds, logits=logits)
 
-    def _continuous_forward(self, input_ids, attention_mask, position_ids, cache=None):
-        """Run the latent passes over one shared cache.
+    @staticmethod
+    def _pass_bounds(plan, width):
+        """[start, end) of each pass: up to the first latent, one column per
+        later latent, then the rest."""
+        if not plan.n_passes:
+            return [(0, width)]
+        ends = [plan.first + k for k in range(plan.n_passes)] + [width]
+        return list(zip([0] + ends[:-1], ends))
+
+    def _continuous_forward(self, input_ids, attention_mask, position_ids, plan, cache=None):
+        """Run the latent passes over one shared cache (the eager path).
 
         Pass 0 covers columns [0, first latent); each later pass covers one
         column, after which the next latent of every row that has one is filled
         with the hidden state of the column to its left; a last pass covers the
         rest. Returns (logits over all columns, filled input embeddings, cache).
         """
-        columns = latent_columns(input_ids, self.latent_token_id)
-        if self.pause_as_thought:  # latents keep their embedding: one ordinary pass
-            columns = columns[:, :0]
-        n_passes = columns.shape[1]
         inputs_embeds = self.embedding(input_ids)
         cache = cache if cache is not None else DynamicCache(config=self.base_causallm.config)
-        width = input_ids.shape[1]
-        start = 0
-        end = int(columns[columns >= 0].min()) if n_passes else width  # host sync
+        columns = plan.columns.to(input_ids.device)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         # the "rms" target, read once per call from the embedding table as it
         # is now (it trains, and checkpoints load after construction)
-        scale = self._embedding_rms() if self.latent_norm == "rms" and n_passes else None
+        scale = self._embedding_rms() if self.latent_norm == "rms" and plan.n_passes else None
         logits = []
-        for pass_idx in range(n_passes + 1):
+        for pass_idx, (start, end) in enumerate(self._pass_bounds(plan, input_ids.shape[1])):
             outputs = self.base_causallm(
                 inputs_embeds=inputs_embeds[:, start:end],
                 attention_mask=attention_mask[:, :end],
                 position_ids=position_ids[:, start:end],
                 **self._cache_argument(cache),
                 use_cache=True,
-                output_hidden_states=pass_idx < n_passes,
+                output_hidden_states=pass_idx < plan.n_passes,
             )
             logits.append(outputs.logits)
-            if pass_idx < n_passes:
+            if pass_idx < plan.n_passes:
                 inputs_embeds = self._fill_latents(
                     inputs_embeds, outputs.hidden_states[self.latent_layer], columns[:, pass_idx], rows, start, scale
                 )
-                start, end = end, (end + 1 if pass_idx + 1 < n_passes else width)
-        self.gen_forward_cnt += n_passes + 1
+        self.gen_forward_cnt += plan.n_passes + 1
         return torch.cat(logits, dim=1), inputs_embeds, cache
 
     def _fill_latents(self, inputs_embeds, hidden, target_columns, rows, offset, scale=None):
         """Out of place (autograd has saved views of the old tensor): put, for
         every row whose target column is >= 0, the hidden state computed at
         target - 1 (through the feedback variant, if any) into inputs_embeds
-        at target."""
+        at target. (latent_plan has checked that target - 1 lies in this pass.)"""
         has = target_columns >= 0
         rows, target = rows[has], target_columns[has]
-        source = target - 1 - offset
-        if bool(((source < 0) | (source >= hidden.shape[1])).any()):
-            raise ValueError(
-                "latent tokens are not aligned across the batch; batch rows with MyCollator"
-            )
-        thoughts = hidden[rows, source]  # (rows with a latent here, width)
+        thoughts = hidden[rows, target - 1 - offset]  # (rows with a latent here, width)
         if self.latent_norm != "none" or self.latent_projection is not None:
             thoughts = self._feedback_variant(thoughts, scale)
         return inputs_embeds.index_put((rows, target), thoughts.to(inputs_embeds.dtype))
+
+    def _fast_forward(self, input_ids, attention_mask, position_ids, plan):
+        """The passes of _continuous_forward without a host sync between
+        them: the mask is built once, every row's thought is computed and
+        kept only where the row has a latent, and the model may be compiled."""
+        width = input_ids.shape[1]
+        inputs_embeds = self.embedding(input_ids)
+        cache = DynamicCache(config=self.base_causallm.config)
+        mask = attention_rows(attention_mask.bool(), 0, width)
+        has = (plan.columns >= 0).to(input_ids.device, non_blocking=True)
+        scale = self._embedding_rms() if self.latent_norm == "rms" and plan.n_passes else None
+        call = self._compiled_model or self._model_call
+        logits = []
+        for pass_idx, (start, end) in enumerate(self._pass_bounds(plan, width)):
+            outputs = call(
+                inputs_embeds=inputs_embeds[:, start:end],
+                attention_mask=mask[:, :, start:end, :end],
+                position_ids=position_ids[:, start:end],
+                **self._cache_argument(cache),
+                use_cache=True,
+                output_hidden_states=pass_idx < plan.n_passes,
+            )
+            logits.append(outputs.logits)
+            if pass_idx < plan.n_passes:
+                # the next latent sits at column `end`, right after this pass
+                thought = outputs.hidden_states[self.latent_layer][:, -1]
+                inputs_embeds = self._put_column(inputs_embeds, end, thought, has[:, pass_idx], scale)
+        self.gen_forward_cnt += plan.n_passes + 1
+        return torch.cat(logits, dim=1), inputs_embeds
+
+    def _put_column(self, inputs_embeds, column, thought, has, scale):
+        """inputs_embeds with column `column` set to `thought` (B, width),
+        through the feedback variant, in the rows where `has`; out of place."""
+        if self.latent_norm != "none" or self.latent_projection is not None:
+            thought = self._feedback_variant(thought, scale)
+        new = torch.where(has[:, None], thought.to(inputs_embeds.dtype), inputs_embeds[:, column])
+        return torch.cat([inputs_embeds[:, :column], new[:, None], inputs_embeds[:, column + 1 :]], dim=1)
 
     @torch.no_grad()
     def _embedding_rms(self):
@@ -232,7 +358,12 @@ class Coconut(nn.Module):
         self.gen_forward_cnt = 0
         attention_mask = attention_mask.to(input_ids.device)
         position_ids = positions_from_mask(attention_mask)
-        logits, prompt_embeds, cache = self._continuous_forward(input_ids, attention_mask, position_ids)
+        plan = self.plan(input_ids)
+        if self.fast and not synced_gpus:  # sharded models keep the eager calls that other ranks mirror
+            logits, prompt_embeds, step = self._static_prompt(input_ids, attention_mask, position_ids, plan, max_new_tokens)
+        else:
+            logits, prompt_embeds, cache = self._continuous_forward(input_ids, attention_mask, position_ids, plan)
+            step = _GrowingCacheSteps(self, attention_mask, cache)
         synced = rank_max if synced_gpus and rank_max is not None else None
         if synced:
             # pad the latent passes up to the most any rank makes, so the
@@ -243,16 +374,16 @@ class Coconut(nn.Module):
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         last_column = (torch.arange(input_ids.shape[1], device=input_ids.device) * (attention_mask != 0)).argmax(dim=1)
         first = logits[rows, last_column].argmax(dim=-1)  # always kept
-        new_tokens, kept = self._decode(first, position_ids[rows, last_column] + 1, attention_mask, cache, max_new_tokens, synced)
+        new_tokens, kept = self._decode(first, position_ids[rows, last_column] + 1, step, max_new_tokens, synced)
         if synced_gpus and not synced:
             while self.gen_forward_cnt < max_new_tokens + MAX_N_LATENT:
                 self._idle_call(input_ids[:, :1])
         return self._assemble(input_ids, attention_mask, prompt_embeds, new_tokens, kept, output_embedding)
 
-    def _decode(self, next_tokens, next_positions, mask, cache, max_new_tokens, synced):
-        """One token per call for every row; a row stops at its first eos
-        (not kept). Returns the new tokens (B, n) on the CPU and the count
-        each row keeps."""
+    def _decode(self, next_tokens, next_positions, step, max_new_tokens, synced):
+        """One token per call for every row (`step(tokens, positions)` gives
+        the next logits); a row stops at its first eos (not kept). Returns the
+        new tokens (B, n) on the CPU and the count each row keeps."""
         n_rows = next_tokens.shape[0]
         new_tokens = [next_tokens]
         alive = torch.ones(n_rows, dtype=torch.bool, device=next_tokens.device)
@@ -261,21 +392,58 @@ class Coconut(nn.Module):
             any_alive = int(alive.any())  # host sync, once per token
             if (synced(any_alive) if synced else any_alive) == 0:
                 break
-            mask = torch.cat([mask, mask.new_ones(n_rows, 1)], dim=1)
-            outputs = self.base_causallm(
-                inputs_embeds=self.embedding(next_tokens[:, None]),
-                attention_mask=mask,
-                position_ids=next_positions[:, None],
-                **self._cache_argument(cache),
-                use_cache=True,
-            )
+            logits = step(next_tokens, next_positions)
             self.gen_forward_cnt += 1
-            next_tokens = outputs.logits[:, -1].argmax(dim=-1)
+            next_tokens = logits.argmax(dim=-1)
             next_positions = next_positions + 1
             alive = alive & (next_tokens != self.eos_token_id)
             kept = kept + alive.long()
             new_tokens.append(next_tokens)
         return torch.stack(new_tokens, dim=1).cpu(), kept.cpu()
+
+    # ------------------------------------------------------ static-cache path
+    def _static_prompt(self, input_ids, attention_mask, position_ids, plan, max_new_tokens):
+        """The prompt's latent passes on a static cache with room for the new
+        tokens; the one-column passes go through the step decoding uses.
+        Returns (logits over the prompt, filled embeddings, the decoder)."""
+        steps = _StaticCacheSteps(self, attention_mask, input_ids.shape[1] + max_new_tokens)
+        inputs_embeds = self.embedding(input_ids)
+        has = (plan.columns >= 0).to(input_ids.device, non_blocking=True)
+        scale = self._embedding_rms() if self.latent_norm == "rms" and plan.n_passes else None
+        logits = []
+        for pass_idx, (start, end) in enumerate(self._pass_bounds(plan, input_ids.shape[1])):
+            pass_logits, hidden = steps.columns(inputs_embeds[:, start:end], position_ids[:, start:end])
+            logits.append(pass_logits)
+            if pass_idx < plan.n_passes:
+                inputs_embeds = self._put_column(inputs_embeds, end, hidden, has[:, pass_idx], scale)
+        self.gen_forward_cnt += plan.n_passes + 1
+        return torch.cat(logits, dim=1), inputs_embeds, steps
+
+    def _static_cache(self, batch, capacity):
+        """A StaticCache for this shape, reused across calls (a compiled step
+        is specialised to its tensors); the two most recent shapes are kept."""
+        key = (batch, capacity, torch.is_autocast_enabled(self.embedding.weight.device.type))
+        cache = self._static_caches.pop(key, None)
+        if cache is None:
+            cache = StaticCache(config=self.base_causallm.config, max_cache_len=capacity)
+            while len(self._static_caches) >= 2:
+                self._static_caches.popitem(last=False)
+        else:
+            cache.reset()
+        self._static_caches[key] = cache
+        return cache
+
+    def _one_column_step(self, cache, embeds, positions, key_ok, slot):
+        """One column (B, 1) at cache slot `slot` (a 0-d tensor, so that a
+        compiled step serves every slot): (logits (B, vocab), fed-back hidden
+        state (B, width))."""
+        keys = torch.arange(key_ok.shape[1], device=key_ok.device)
+        mask = (keys <= slot) & (key_ok | (keys == slot))
+        outputs = self.base_causallm(
+            inputs_embeds=embeds, attention_mask=mask[:, None, None, :], position_ids=positions,
+            **self._cache_argument(cache), use_cache=True, output_hidden_states=True,
+        )
+        return outputs.logits[:, -1], outputs.hidden_states[self.latent_layer][:, -1]
 
     def _idle_call(self, input_ids):
         """A model call whose result is unused: keeps collectives in step."""
@@ -295,3 +463,67 @@ class Coconut(nn.Module):
             results = results[0].view(1, -1)
             embeds = embeds[0].unsqueeze(0) if output_embedding else None
         return (results, embeds) if output_embedding else results
+
+
+class _GrowingCacheSteps:
+    """Decoding on the prompt's DynamicCache, one new token per call, the
+    attention mask growing by a column each time (the eager path)."""
+
+    def __init__(self, coconut, attention_mask, cache):
+        self.coconut, self.mask, self.cache = coconut, attention_mask, cache
+
+    def __call__(self, tokens, positions):
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        outputs = self.coconut.base_causallm(
+            inputs_embeds=self.coconut.embedding(tokens[:, None]),
+            attention_mask=self.mask,
+            position_ids=positions[:, None],
+            **self.coconut._cache_argument(self.cache),
+            use_cache=True,
+        )
+        return outputs.logits[:, -1]
+
+
+class _StaticCacheSteps:
+    """Model calls on a StaticCache of fixed capacity (prompt width plus new
+    tokens, rounded up so that batches share shapes): wider spans go through
+    the model as they are, single columns through the Coconut's step, whose
+    shapes never change. Which keys are real is fixed once per batch."""
+
+    ROUND = 128
+
+    def __init__(self, coconut, attention_mask, length):
+        self.coconut = coconut
+        batch, width = attention_mask.shape
+        capacity = -(-length // self.ROUND) * self.ROUND
+        self.cache = coconut._static_cache(batch, capacity)
+        # new tokens are always real keys; the prompt's padding never is
+        self.key_ok = nn.functional.pad(attention_mask.bool(), (0, capacity - width), value=True)
+        self.slots = torch.arange(capacity, device=attention_mask.device)
+        self.next_slot = 0
+        self.cuda = attention_mask.device.type == "cuda"
+
+    def columns(self, embeds, positions):
+        """(logits (B, n, vocab), last column's fed-back hidden state)."""
+        if embeds.shape[1] == 1:
+            logits, hidden = self.one(embeds, positions)
+            return logits[:, None], hidden
+        start = self.next_slot
+        self.next_slot += embeds.shape[1]
+        outputs = self.coconut.base_causallm(
+            inputs_embeds=embeds, attention_mask=attention_rows(self.key_ok, start, self.next_slot), position_ids=positions,
+            **self.coconut._cache_argument(self.cache), use_cache=True, output_hidden_states=True,
+        )
+        return outputs.logits, outputs.hidden_states[self.coconut.latent_layer][:, -1]
+
+    def one(self, embeds, positions):
+        if self.cuda:  # a new CUDA-graph replay: earlier outputs were copied out
+            torch.compiler.cudagraph_mark_step_begin()
+        slot = self.slots[self.next_slot]
+        self.next_slot += 1
+        logits, hidden = self.coconut._step(self.cache, embeds, positions, self.key_ok, slot)
+        # CUDA-graph outputs live in memory the next replay overwrites
+        return logits.clone(), hidden.clone()
+
+    def __call__(self, tokens, positions):
+        return self.one(self.coconut.embedding(tokens[:, None]), positions[:, None])[0]
