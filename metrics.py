@@ -59,9 +59,11 @@ class MetricsLog:
         self.started = time.monotonic()
         self.file = open(self.path, "a")
 
-    def log(self, values, stage, epoch, step, **extra):
+    def log(self, values, stage, epoch, step, when=None, **extra):
+        """`when`: the time.monotonic() reading the record belongs to, if not now
+        (training losses are read in groups, after their batches ran)."""
         record = dict(values, stage=stage, epoch=epoch, step=step, **extra)
-        record["wall_time"] = round(self.offset + time.monotonic() - self.started, 3)
+        record["wall_time"] = round(self.offset + (when or time.monotonic()) - self.started, 3)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()  # a run may be killed at any moment
 

@@ -14,6 +14,7 @@ import gc
 import math
 import os
 import sys
+import time
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 import checkpoints
 import metrics
-from coconut import Coconut
+from coconut import Coconut, fast_path_unsupported
 from dataset import MyCollator, get_cot_latent_dataset, get_dataset, get_question_latent_dataset, load_samples
 from utils import UserError, is_main_process, load_config, print0, set_seed
 
@@ -59,6 +60,13 @@ def all_reduce_max(value):
     tensor = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
+
+
+def all_reduce_max_tensor(tensor):
+    """Elementwise maximum over all ranks, on the tensor's device."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 def all_reduce_sum(tensor):
@@ -338,11 +346,11 @@ class Logger:
 
             self.table = wandb.Table(columns=["step", "text"])
 
-    def log(self, values, stage, epoch, step, **extra):
+    def log(self, values, stage, epoch, step, when=None, **extra):
         if self.wandb_run is not None:
             self.wandb_run.log(values)
         if self.metrics_log is not None:
-            self.metrics_log.log(values, stage, epoch, step, **extra)
+            self.metrics_log.log(values, stage, epoch, step, when=when, **extra)
 
     def batch_table(self, batch, tokenizer, step):
         if self.wandb_run is not None:
@@ -385,8 +393,19 @@ def build_optimizer(parallel, configs):
     return torch.optim.AdamW(parallel.parameters(), lr=configs.lr, weight_decay=configs.weight_decay)
 
 
-def to_device(batch, device, skip=("idx",)):
-    return {k: v.to(device) for k, v in batch.items() if k not in skip}
+def model_inputs(batch, device, coconut=None):
+    """A batch on the device (asynchronously from the loader's pinned memory)
+    as the model's keywords; for a Coconut, with its latent plan computed on
+    the CPU batch, which spares a device sync."""
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "idx"}
+    if coconut is not None:
+        inputs["plan"] = coconut.plan(batch["input_ids"])
+    return inputs
+
+
+def as_coconut(parallel):
+    module = unwrap(parallel)
+    return module if isinstance(module, Coconut) else None
 
 
 class NonFiniteLoss(Exception):
@@ -401,51 +420,102 @@ def precision(configs, device):
     return nullcontext()
 
 
+class PendingLosses:
+    """Training losses kept on the device between sync points, so that a
+    batch costs no host sync and no collective. `flush` reads them all at
+    once, stops every rank together if any rank had a non-finite loss (one
+    all-reduce), and logs each batch under its own step, as if logged when
+    it ran."""
+
+    def __init__(self, configs, epoch, total, stage, logger, pbar):
+        self.configs, self.epoch, self.total, self.stage = configs, epoch, total, stage
+        self.logger, self.pbar = logger, pbar
+        self.steps, self.losses, self.times = [], [], []
+
+    def add(self, step, loss):
+        self.steps.append(step)
+        self.losses.append(loss.detach().float())
+        self.times.append(time.monotonic())
+
+    def __len__(self):
+        return len(self.steps)
+
+    def flush(self):
+        if not self.steps:
+            return
+        losses = torch.stack(self.losses)
+        bad = all_reduce_max_tensor((~torch.isfinite(losses)).int())
+        values, bad = losses.tolist(), bad.tolist()  # the host sync
+        steps, times, self.steps, self.losses, self.times = self.steps, self.times, [], [], []
+        epoch, total = self.epoch, self.total
+        for step, value, not_finite, when in zip(steps, values, bad, times):
+            if not_finite:  # on some rank: every rank stops at this flush
+                raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}, batch {step}: stopping without saving")
+            full_loss = value * self.configs.gradient_accumulation_steps
+            row = {"train/epoch": epoch + 1, "train/step": epoch * total + step, "train/loss": full_loss}
+            self.logger.log(row, self.stage, epoch + 1, epoch * total + step, when=when, batch=step)
+        self.pbar.set_description(f"Training Epoch: {epoch + 1}/{self.configs.num_epochs}, batch {steps[-1]}/{total} (loss: {full_loss:.4f})")
+
+
 def train_epoch(parallel, optimizer, batches, configs, epoch, stage, device, logger, tokenizer, first=0, save=None):
     """One pass over `batches`, which start at batch `first` of the epoch.
     `save(batches_done)` is called every `save_every_steps` optimizer steps.
-    Returns the number of batches in the whole epoch."""
+    Losses are read (logged, checked) every `sync_every` batches and before
+    every save, so a diverged state is never saved. Returns the number of
+    batches in the whole epoch."""
     parallel.train()
     accumulate = configs.gradient_accumulation_steps
     total = first + len(batches)
     pbar = tqdm(total=total // accumulate, initial=first // accumulate, desc=f"Training Epoch: {epoch + 1}",
                 unit="step", disable=not is_main_process(), dynamic_ncols=True)
+    pending = PendingLosses(configs, epoch, total, stage, logger, pbar)
+    coconut = as_coconut(parallel)
+    started = time.perf_counter()
     try:
         for step, batch in enumerate(batches, start=first):
             if step == 0:
                 logger.batch_table(batch, tokenizer, epoch * total)
             with precision(configs, device):
-                loss = parallel(**to_device(batch, device)).loss / accumulate
-            full_loss = loss.detach().float().item() * accumulate  # host sync, once per batch
-            if all_reduce_max(int(not math.isfinite(full_loss))):  # every rank stops together
-                raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}, batch {step}: stopping without saving")
+                loss = parallel(**model_inputs(batch, device, coconut)).loss / accumulate
+            pending.add(step, loss)
             loss.backward()
+            saving = False
             if (step + 1) % accumulate == 0 or step == total - 1:
                 optimizer.step()
                 optimizer.zero_grad()
                 pbar.update(1)
                 n_steps = (step + 1) // accumulate
-                if save and configs.save_every_steps and n_steps % configs.save_every_steps == 0 and step < total - 1:
-                    save(step + 1)
-            values = {"train/epoch": epoch + 1, "train/step": epoch * total + step, "train/loss": full_loss}
-            logger.log(values, stage, epoch + 1, epoch * total + step, batch=step)
-            pbar.set_description(f"Training Epoch: {epoch + 1}/{configs.num_epochs}, batch {step}/{total} (loss: {full_loss:.4f})")
+                saving = bool(save and configs.save_every_steps and n_steps % configs.save_every_steps == 0 and step < total - 1)
+            if saving or len(pending) >= configs.sync_every or step == total - 1:
+                pending.flush()
+            if saving:
+                save(step + 1)
     finally:
         pbar.close()  # ends the bar's line, also before an error message
+    report_speed(epoch, len(batches), accumulate, time.perf_counter() - started)  # the last flush waited for the device
     barrier()
     return total
 
 
+def report_speed(epoch, n_batches, accumulate, seconds):
+    if n_batches:
+        n_steps = -(-n_batches // accumulate)
+        print0(f"Epoch {epoch + 1}: {n_steps} optimizer steps in {seconds:.1f} s ({n_steps / max(seconds, 1e-9):.1f} steps/s)")
+
+
 @torch.no_grad()
 def validation_loss(parallel, loader, world, device, configs):
-    """Mean over batches of the loss averaged over ranks."""
+    """Mean over batches of the loss averaged over ranks, read once at the end."""
     parallel.eval()
-    total = 0.0
+    coconut = as_coconut(parallel)
+    losses = []
     for batch in tqdm(loader, desc="Validation loss", unit="batch", disable=not is_main_process(), dynamic_ncols=True):
         with precision(configs, device):
-            loss = parallel(**to_device(batch, device)).loss
-        loss = all_reduce_sum(loss.detach().float())
-        total += loss.item() / world
+            losses.append(parallel(**model_inputs(batch, device, coconut)).loss.detach().float())
+    total = 0.0
+    if losses:  # summed in the order and precision of a per-batch reading
+        for loss in all_reduce_sum(torch.stack(losses)).tolist():
+            total += loss / world
     return total / max(len(loader), 1)
 
 
@@ -469,15 +539,14 @@ def shard_batches(dataset, batch_size, rank, world):
 
 
 @torch.no_grad()
-def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank, world, device, max_new_tokens, records=None):
+def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank, world, device, max_new_tokens, records=None,
+             generator=None):
     """Greedy generation on every validation sample; returns (accuracy, CoT
     match) over all ranks. `records`, if a list, receives this rank's
-    (sample index, decoded output, number of generated tokens) triples."""
-    generator = unwrap(parallel)
+    (sample index, decoded output, number of generated tokens) triples.
+    `generator` is the Coconut that decodes (default: made here)."""
+    generator = generator or decoder_for(unwrap(parallel), tokenizer)
     sharded = is_sharded(parallel)
-    if not isinstance(generator, Coconut):
-        # a plain LM decodes through the same greedy loop (no latents to fill)
-        generator = Coconut(generator, *(-1,) * 3, tokenizer.eos_token_id)
     generator.eval()
     batches = shard_batches(dataset, configs.batch_size_eval, rank, world)
     correct = torch.zeros(3, dtype=torch.long, device=device)  # answer, CoT, total
@@ -519,6 +588,12 @@ def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank,
     return cor / total, cor_cot / total
 
 
+def decoder_for(model, tokenizer):
+    """The model's Coconut; a plain LM decodes through the same greedy loop
+    (no latents to fill)."""
+    return model if isinstance(model, Coconut) else Coconut(model, *(-1,) * 3, tokenizer.eos_token_id)
+
+
 @contextmanager
 def parallel_unsharded(module):
     """Keeps the root shard unit gathered while generating: generation calls
@@ -528,6 +603,52 @@ def parallel_unsharded(module):
         yield
     finally:
         module.reshard()
+
+
+# -------------------------------------------------------------------- speed
+def fast_path_mode(configs, device):
+    """'compiled', 'static' or 'off': `auto` compiles on a GPU and keeps
+    the eager reference path on a CPU (compiling there costs more than it
+    saves)."""
+    if configs.fast_path == "auto":
+        return "compiled" if device.type == "cuda" else "off"
+    return configs.fast_path
+
+
+def set_up_fast_path(model, tokenizer, configs, device, world):
+    """Turns on the Coconut fast path the config asks for; returns the
+    Coconut that evaluation decodes with. The training passes are compiled
+    in a single process only (sharded blocks keep their eager calls)."""
+    decoder = decoder_for(model, tokenizer)
+    mode = fast_path_mode(configs, device)
+    if mode == "off":
+        return decoder
+    reason = fast_path_unsupported(plain_model(model))
+    if reason:
+        if configs.fast_path != "auto":
+            raise UserError(f"key 'fast_path' is {configs.fast_path!r}, but model_id '{configs.model_id}' cannot take it: {reason}")
+        print0(f"fast path: off for this model ({reason}); running the eager path")
+        return decoder
+    if mode == "compiled":
+        import torch._dynamo
+
+        # a frame that fails to compile runs eagerly instead of stopping the run
+        torch._dynamo.config.suppress_errors = True
+    decoder.use_fast_path(compile=mode == "compiled", compile_training=world == 1)
+    print0(f"fast path: {mode} (fast_path: {configs.fast_path}; set fast_path: off for the eager reference path)")
+    return decoder
+
+
+def set_tf32(configs, device):
+    """TF32 matmuls, only when asked for (the reference computes in full
+    float32; torch's default). A GPU setting: a CPU run is unchanged."""
+    if not configs.tf32 or device.type != "cuda":
+        return
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    print0("tf32: on (TF32 matmuls; the reference computes in full float32)")
 
 
 # --------------------------------------------------------------------- main
@@ -622,6 +743,8 @@ def run(configs, rank, world, device):
     raw_val = load_data(configs)
     model, tokenizer, ids = build_model(configs)
     parallel = wrap_model(model, configs, world, device)
+    set_tf32(configs, device)
+    decoder = set_up_fast_path(model, tokenizer, configs, device, world)
     start_id, end_id, latent_id = ids["<|start-latent|>"], ids["<|end-latent|>"], ids["<|latent|>"]
 
     if not configs.only_eval:  # first: load_data left this file's samples in memory
@@ -660,7 +783,8 @@ def run(configs, rank, world, device):
             logger.log({"eval/loss": val_loss}, stage, epoch + 1, (epoch + 1) * per_epoch)
 
         with precision(configs, device):
-            acc, cot_em = evaluate(parallel, gen_set, raw_val, collator, tokenizer, configs, rank, world, device, new_tokens)
+            acc, cot_em = evaluate(parallel, gen_set, raw_val, collator, tokenizer, configs, rank, world, device, new_tokens,
+                                   generator=decoder)
         steps_done = 0 if configs.only_eval else (epoch + 1) * per_epoch
         logger.log({"eval/acc": acc, "eval/cot_em": cot_em}, stage, epoch + 1, steps_done)
         if configs.only_eval:

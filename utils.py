@@ -11,6 +11,8 @@ import yaml
 
 from coconut import LATENT_NORMS
 
+FAST_PATHS = ("auto", "compiled", "static", "off")
+
 
 class UserError(Exception):
     """A mistake in the user's input (config, data, paths). run.py prints it as
@@ -69,6 +71,10 @@ CONFIG_KEYS = {
     "keep_last": (int, 0, "keep only the newest this many checkpoints, plus the best (0: keep all)"),
     "train_samples": (int, 0, "train on the first this many samples of train_path (0: all)"),
     "mixed_precision": (bool, False, "bf16 autocast with float32 weights and AdamW state"),
+    # speed (results equal the eager reference up to floating-point rounding)
+    "fast_path": (str, "auto", "latent passes and decoding: auto, compiled, static or off (see README)"),
+    "sync_every": (int, 50, "batches between host syncs in training: loss logging and the non-finite check (and at every save)"),
+    "tf32": (bool, False, "TF32 matmuls on a GPU (float32 weights, faster, less exact); the reference is full float32"),
     # ablations (SPEC section 9); the pause-token baseline is pause_as_thought + no_curriculum
     "no_curriculum": (bool, False, "Coconut trained and evaluated at the final stage (all steps replaced) from epoch 0"),
     "pause_as_thought": (bool, False, "Coconut layout and curriculum, but latent positions keep their own embedding"),
@@ -160,7 +166,9 @@ def check_config(config, source):
     for key in ("c_thought", "epochs_per_stage", "max_latent_stage", "resume", "seed", "save_every_steps", "keep_last", "train_samples", "weight_decay"):
         if config[key] < 0:
             raise UserError(f"{source}: key '{key}' must be >= 0")
-    for key in ("batch_size_training", "batch_size_eval", "gradient_accumulation_steps", "epochs_per_stage", "num_epochs"):
+    if config.fast_path not in FAST_PATHS:
+        raise UserError(f"{source}: key 'fast_path' must be one of {', '.join(FAST_PATHS)}, got {config.fast_path!r}")
+    for key in ("batch_size_training", "batch_size_eval", "gradient_accumulation_steps", "epochs_per_stage", "num_epochs", "sync_every"):
         if config[key] < 1:
             raise UserError(f"{source}: key '{key}' must be >= 1")
     if config.resume >= config.num_epochs:

@@ -34,6 +34,17 @@ def coconut_checkpoint():
     return {"base_causallm.transformer.wte.weight": torch.zeros(4, 4)}
 
 
+def eager_attention_copy(tmp_path, model_dir):
+    """The test model, configured for eager attention (the fast path needs SDPA)."""
+    import shutil
+
+    folder = tmp_path / "eager-model"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, attn_implementation="eager")))
+    return str(folder)
+
+
 def resumable_folder(tmp_path, weights=b"not a checkpoint", state=None):
     folder = tmp_path / "runs" / "bad"
     folder.mkdir(parents=True)
@@ -67,6 +78,10 @@ CASES = [
     ("zero-batch", {"batch_size_training": 0}, [], "key 'batch_size_training' must be >= 1"),
     ("negative-lr", {"lr": -0.1}, [], "key 'lr' must be > 0"),
     ("two-precisions", {"bf16": True, "mixed_precision": True}, [], "keys bf16 and mixed_precision are both set"),
+    ("fast-path-value", {"fast_path": "fastest"}, [], "key 'fast_path' must be one of auto, compiled, static, off, got 'fastest'"),
+    ("sync-every-zero", {"sync_every": 0}, [], "key 'sync_every' must be >= 1"),
+    ("fast-path-eager-attention", lambda t, m: {"fast_path": "static", "model_id": eager_attention_copy(t, m)}, [],
+     "key 'fast_path' is 'static', but model_id"),
     ("no-config-file", "MISSING", [], "config file not found"),
     ("config-not-yaml", "num_epochs: [1,\n", [], "not valid YAML"),
     ("config-a-list", "- 1\n- 2\n", [], "expected a mapping of config keys"),

@@ -277,7 +277,8 @@ def test_logging_save_only_improve_and_optimizer_resets(workspace, tmp_path, mon
     assert len(built) == 1 and checkpoints(tmp_path, "keep") == []  # debug: no checkpoints (the metrics file is kept)
 
 
-def test_gradient_accumulation_steps_and_scaling():
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_gradient_accumulation_steps_and_scaling(sync_every):
     class Toy(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -299,7 +300,7 @@ def test_gradient_accumulation_steps_and_scaling():
     toy = Toy()
     optimizer = CountingOptimizer(toy.w)
     batches = [{"input_ids": torch.tensor([[float(i)]]), "labels": torch.tensor([[0]]), "idx": torch.tensor([i])} for i in range(1, 6)]
-    configs = SimpleNamespace(gradient_accumulation_steps=2, num_epochs=1, save_every_steps=0, mixed_precision=False)
+    configs = SimpleNamespace(gradient_accumulation_steps=2, num_epochs=1, save_every_steps=0, mixed_precision=False, sync_every=sync_every)
     cli.train_epoch(toy, optimizer, batches, configs, 0, 0, torch.device("cpu"), cli.Logger(), None)
     # steps after batches 2, 4 and the last (5); each gradient is the sum over its batches / 2
     assert [float(g) for g in optimizer.grads] == [1.5, 3.5, 2.5]
