@@ -195,11 +195,11 @@ class Coconut(nn.Module):
         return self.base_causallm(**kwargs)
 
     def plan(self, input_ids):
-        """The batch's LatentPlan (no latent passes for pause_as_thought)."""
-        plan = latent_plan(input_ids, self.latent_token_id)
+        """The batch's LatentPlan (no latent passes for pause_as_thought,
+        whose latents keep their embedding wherever they sit)."""
         if self.pause_as_thought:
-            return LatentPlan(plan.columns[:, :0], input_ids.shape[1], 0)
-        return plan
+            return LatentPlan(torch.empty(input_ids.shape[0], 0, dtype=torch.long), input_ids.shape[1], 0)
+        return latent_plan(input_ids, self.latent_token_id)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids, attention_mask, labels=None, position_ids=None, plan=None, **kwargs):
@@ -465,6 +465,11 @@ class Coconut(nn.Module):
         return (results, embeds) if output_embedding else results
 
 
+def _fresh(tensor):
+    """A copy with the default strides of its shape."""
+    return torch.empty_like(tensor, memory_format=torch.contiguous_format).copy_(tensor)
+
+
 class _GrowingCacheSteps:
     """Decoding on the prompt's DynamicCache, one new token per call, the
     attention mask growing by a column each time (the eager path)."""
@@ -521,6 +526,9 @@ class _StaticCacheSteps:
             torch.compiler.cudagraph_mark_step_begin()
         slot = self.slots[self.next_slot]
         self.next_slot += 1
+        # fresh tensors: a compiled step is specialised to its inputs' strides,
+        # and a latent column sliced from the prompt has the prompt's
+        embeds, positions = _fresh(embeds), _fresh(positions)
         logits, hidden = self.coconut._step(self.cache, embeds, positions, self.key_ok, slot)
         # CUDA-graph outputs live in memory the next replay overwrites
         return logits.clone(), hidden.clone()

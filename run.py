@@ -634,6 +634,8 @@ def set_up_fast_path(model, tokenizer, configs, device, world):
 
         # a frame that fails to compile runs eagerly instead of stopping the run
         torch._dynamo.config.suppress_errors = True
+        # one compilation per pass kind, train/eval, precision, and decoding batch shape
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     decoder.use_fast_path(compile=mode == "compiled", compile_training=world == 1)
     print0(f"fast path: {mode} (fast_path: {configs.fast_path}; set fast_path: off for the eager reference path)")
     return decoder

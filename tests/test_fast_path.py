@@ -141,3 +141,14 @@ def test_compiled_fast_path_matches_eager(model_dirs, data_dir, tmp_path):
     got = fast.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=8)
     assert [t.tolist() for t in got] == [t.tolist() for t in expected]
     assert counters["stats"]["unique_graphs"] > graphs  # and so did the decoding step
+
+    # single prompts of other widths and latent counts: after the first, the
+    # same compiled step serves them all (no compilation per prompt)
+    singles = [collator([p]) for p in prompts if ids[1] in p["input_ids"]][:3]
+    assert len({b["input_ids"].shape[1] for b in singles}) > 1
+    for i, single in enumerate(singles):
+        expected = eager.generate(single["input_ids"], single["attention_mask"], max_new_tokens=8)
+        assert torch.equal(fast.generate(single["input_ids"], single["attention_mask"], max_new_tokens=8), expected)
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
