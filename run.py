@@ -607,11 +607,11 @@ def parallel_unsharded(module):
 
 # -------------------------------------------------------------------- speed
 def fast_path_mode(configs, device):
-    """'compiled', 'static' or 'off': `auto` compiles on a GPU and keeps
+    """'compiled', 'static' or 'eager': `auto` compiles on a GPU and keeps
     the eager reference path on a CPU (compiling there costs more than it
     saves)."""
     if configs.fast_path == "auto":
-        return "compiled" if device.type == "cuda" else "off"
+        return "compiled" if device.type == "cuda" else "eager"
     return configs.fast_path
 
 
@@ -621,13 +621,13 @@ def set_up_fast_path(model, tokenizer, configs, device, world):
     in a single process only (sharded blocks keep their eager calls)."""
     decoder = decoder_for(model, tokenizer)
     mode = fast_path_mode(configs, device)
-    if mode == "off":
+    if mode == "eager":
         return decoder
     reason = fast_path_unsupported(plain_model(model))
     if reason:
         if configs.fast_path != "auto":
             raise UserError(f"key 'fast_path' is {configs.fast_path!r}, but model_id '{configs.model_id}' cannot take it: {reason}")
-        print0(f"fast path: off for this model ({reason}); running the eager path")
+        print0(f"fast path: eager for this model ({reason})")
         return decoder
     if mode == "compiled":
         import torch._dynamo
@@ -637,7 +637,7 @@ def set_up_fast_path(model, tokenizer, configs, device, world):
         # one compilation per pass kind, train/eval, precision, and decoding batch shape
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     decoder.use_fast_path(compile=mode == "compiled", compile_training=world == 1)
-    print0(f"fast path: {mode} (fast_path: {configs.fast_path}; set fast_path: off for the eager reference path)")
+    print0(f"fast path: {mode} (fast_path: {configs.fast_path}; fast_path: eager is the reference path)")
     return decoder
 
 

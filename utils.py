@@ -11,7 +11,7 @@ import yaml
 
 from coconut import LATENT_NORMS
 
-FAST_PATHS = ("auto", "compiled", "static", "off")
+FAST_PATHS = ("auto", "compiled", "static", "eager")
 
 
 class UserError(Exception):
@@ -72,7 +72,7 @@ CONFIG_KEYS = {
     "train_samples": (int, 0, "train on the first this many samples of train_path (0: all)"),
     "mixed_precision": (bool, False, "bf16 autocast with float32 weights and AdamW state"),
     # speed (results equal the eager reference up to floating-point rounding)
-    "fast_path": (str, "auto", "latent passes and decoding: auto, compiled, static or off (see README)"),
+    "fast_path": (str, "auto", "latent passes and decoding: auto, compiled, static or eager (see README)"),
     "sync_every": (int, 50, "batches between host syncs in training: loss logging and the non-finite check (and at every save)"),
     "tf32": (bool, False, "TF32 matmuls on a GPU (float32 weights, faster, less exact); the reference is full float32"),
     # ablations (SPEC section 9); the pause-token baseline is pause_as_thought + no_curriculum
@@ -99,7 +99,9 @@ def _typed(key, value, source):
         return float(value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
-    raise UserError(f"{source}: key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    # YAML reads unquoted on/off/yes/no as booleans
+    hint = " (quote it: YAML reads on, off, yes and no as booleans)" if kind is str and isinstance(value, bool) else ""
+    raise UserError(f"{source}: key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}{hint}")
 
 
 def _check_key(key, source):

@@ -6,6 +6,7 @@ evaluates as the eager one) and `tf32` (only when asked for).
 python -m pytest -q tests/test_speed_options.py
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from conftest import REPO
 from test_run import checkpoints, cli_env, config_for, write_config
 
 import run as cli
-from utils import Config
+from utils import Config, load_config
 
 
 def metrics_rows(tmp_path, name):
@@ -91,27 +92,37 @@ def test_non_finite_loss_on_one_rank_stops_both_at_the_next_sync(workspace, tmp_
 
 def test_static_fast_path_trains_and_evaluates_as_the_eager_path(workspace, tmp_path, capsys):
     rows = {}
-    for mode in ("off", "static"):
+    for mode in ("eager", "static"):
         configs = config_for(workspace, tmp_path, mode, num_epochs=2, batch_size_training=4, batch_size_eval=3, fast_path=mode)
         cli.run(configs, 0, 1, torch.device("cpu"))
         out = capsys.readouterr().out
         assert ("fast path: static" in out) == (mode == "static")
         rows[mode] = metrics_rows(tmp_path, mode)
-    assert [r.get("eval/acc") for r in rows["off"]] == [r.get("eval/acc") for r in rows["static"]]
-    for eager, fast in zip(rows["off"], rows["static"]):  # dropout draws the same masks: losses agree to rounding
+    assert [r.get("eval/acc") for r in rows["eager"]] == [r.get("eval/acc") for r in rows["static"]]
+    for eager, fast in zip(rows["eager"], rows["static"]):  # dropout draws the same masks: losses agree to rounding
         for key in ("train/loss", "eval/loss"):
             if key in eager:
                 assert abs(eager[key] - fast[key]) < 1e-4, (key, eager, fast)
-    a, b = weights(tmp_path, "off", "checkpoint_2"), weights(tmp_path, "static", "checkpoint_2")
+    a, b = weights(tmp_path, "eager", "checkpoint_2"), weights(tmp_path, "static", "checkpoint_2")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_fast_path_values_read_as_written(workspace, tmp_path):
+    config_for(workspace, tmp_path, "modes")  # writes modes.yaml
+    path = tmp_path / "modes.yaml"
+    text = path.read_text()
+    for mode in ("auto", "compiled", "static", "eager"):  # unquoted, in the file and on the command line
+        path.write_text(text + f"fast_path: {mode}\n")
+        assert load_config(str(path)).fast_path == mode
+        assert load_config(str(path), [f"fast_path={mode}"]).fast_path == mode
+
+
 def test_fast_path_mode_per_device():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert cli.fast_path_mode(Config(fast_path="auto"), cpu) == "off"  # the eager reference path on a CPU
+    assert cli.fast_path_mode(Config(fast_path="auto"), cpu) == "eager"  # the reference path on a CPU
     assert cli.fast_path_mode(Config(fast_path="auto"), gpu) == "compiled"
-    for mode in ("compiled", "static", "off"):
+    for mode in ("compiled", "static", "eager"):
         assert cli.fast_path_mode(Config(fast_path=mode), cpu) == mode == cli.fast_path_mode(Config(fast_path=mode), gpu)
 
 
@@ -127,3 +138,13 @@ def test_tf32_only_when_asked_for():
         assert matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision = before
+
+
+def test_run_benchmark_reads_the_steps_per_second_run_py_prints(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(REPO, "benchmarks", "bench_run.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--models", "quickstart", "--stages", "final", "--fast-paths", "eager,static", "--precisions", "fp32",
+                "--samples", "96", "--out", str(tmp_path)])
+    rows = re.findall(r"^\| quickstart \| final \| (\w+) \| fp32 \| ([\d.]+) \|$", capsys.readouterr().out, re.M)
+    assert [mode for mode, _ in rows] == ["eager", "static"] and all(float(rate) > 0 for _, rate in rows)
