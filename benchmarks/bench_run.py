@@ -43,8 +43,9 @@ def script(name, *args):
 
 
 def prepare(out, samples, models):
-    """The task's data and each model's folder, made once under `out`."""
-    data = os.path.join(out, "data")
+    """The task's data (one folder per sample count) and each model's
+    folder, made once under `out`."""
+    data = os.path.join(out, f"data-{samples}")
     if not os.path.exists(os.path.join(data, "modsum_train.json")):
         script("tasks.py", "modsum", "--train", samples, "--valid", 32, "--test", 0, "--min-hops", 5, "--max-hops", 5, "--out-dir", data)
     for name in models:
