@@ -63,12 +63,13 @@ def precisions(device, names):
     """name -> context factory: fp32, bf16 autocast, and TF32 matmuls (GPU only)."""
     def tf32():
         matmul = torch.backends.cuda.matmul
-        before = matmul.fp32_precision
-        matmul.fp32_precision = "tf32"
+        name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)  # torch < 2.9
+        before = getattr(matmul, name)
+        setattr(matmul, name, value)
         try:
             yield
         finally:
-            matmul.fp32_precision = before
+            setattr(matmul, name, before)
 
     table = {
         "fp32": contextlib.nullcontext,
