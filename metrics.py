@@ -4,8 +4,9 @@ object a line, written by the main process beside (not instead of) wandb.
 Every line holds the keys logged to wandb at that moment (`train/loss`,
 `eval/acc`, ...) plus `stage`, `epoch` (from 1), `step` (training batches
 since the run began, as `train/step`) and `wall_time` (seconds of this run,
-summed over restarts). Training lines also hold `batch` (index in the
-epoch). A restarted run first drops the lines past the point it resumes
+summed over restarts; for a training line, when its batch ran, though the
+line is written at the next sync point, every `sync_every` batches).
+Training lines also hold `batch` (index in the epoch). A restarted run first drops the lines past the point it resumes
 from, so the file always describes one uninterrupted history.
 Evaluation-only runs append to `eval_metrics.jsonl` instead, never touching
 the training history.

@@ -11,7 +11,6 @@ logging.
 import argparse
 import copy
 import gc
-import math
 import os
 import sys
 import time
