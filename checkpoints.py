@@ -7,14 +7,24 @@ reference state-dict format, so old and new code load each other's.
 Each has a `<name>.state` beside it (optimizer, position, RNG, best
 accuracy, config, wandb run id), written first; the weights are renamed into
 place last, so a checkpoint whose weights file exists is complete.
+
+Every file here loads with `torch.load(weights_only=True)`: tensors, numbers,
+strings and containers only, so a run folder from someone else cannot run
+code on this machine. `.state` files written before 2026-12-05 hold a NumPy
+array (the RNG state) that only a full unpickling reads; `read_state` opens
+them only when asked to (`legacy_state_files`).
 """
 
 import os
+import pickle
 import random
 import re
+import sys
 
 import numpy as np
 import torch
+
+from utils import is_main_process
 
 PATTERNS = (re.compile(r"checkpoint_(\d+)"), re.compile(r"partial_(\d+)_(\d+)"))
 
@@ -58,12 +68,28 @@ def write(folder, name, weights, state):
     atomic_save(weights, os.path.join(folder, name))  # last: marks the checkpoint complete
 
 
-def read_state(weights_path):
+class UnsafeStateFile(Exception):
+    """A .state file that safe loading refuses: it needs a full unpickling,
+    which can run code."""
+
+
+def read_state(weights_path, allow_pickle=False):
     """The training state beside a weights file; None for a weights-only
-    (e.g. reference) checkpoint."""
+    (e.g. reference) checkpoint. Loaded safely; a file that needs a full
+    unpickling (an older state file, or a crafted one) raises UnsafeStateFile
+    unless `allow_pickle`, which loads it with a warning."""
     path = weights_path + ".state"
     if not os.path.isfile(path):
         return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e).replace(" ", "_").lower():
+            raise  # not a refused object: a damaged file
+        if not allow_pickle:
+            raise UnsafeStateFile(path) from None
+    if is_main_process():
+        print(f"warning: {path}: an older training state, read by full unpickling (legacy_state_files is on)", file=sys.stderr, flush=True)
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -89,7 +115,11 @@ def prune(folder, keep_last, keep=()):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state, in types safe loading accepts (NumPy's key
+    array as a tensor)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -97,7 +127,9 @@ def rng_state():
 
 def restore_rng(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # an older file holds the array itself
+    np.random.set_state((kind, keys.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -9,9 +9,10 @@ import hashlib
 import itertools
 import json
 import os
-import pickle
 import random
+import zipfile
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -134,27 +135,42 @@ def cache_path(path, tokenizer, n_samples):
     key = hashlib.sha256()
     for part in (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, n_samples, backend.to_str()):
         key.update(str(part).encode() + b"\0")
-    return os.path.join(root, "tokens-" + key.hexdigest()[:32] + ".pkl")
+    return os.path.join(root, "tokens-" + key.hexdigest()[:32] + ".npz")
+
+
+CACHE_PARTS = ("questions", "answers", "steps")
 
 
 def read_cache(cache):
+    """The cached (questions, answers, steps) id lists, or None. The file is
+    plain arrays (NumPy's .npz, read without pickle), so a cache folder from
+    elsewhere cannot run code."""
     if cache is None or not os.path.exists(cache):
         return None
     try:
-        with open(cache, "rb") as f:
-            return pickle.load(f)
-    except (OSError, EOFError, pickle.UnpicklingError):
+        with np.load(cache, allow_pickle=False) as arrays:
+            return tuple(split_ids(arrays[f"{name}_ids"], arrays[f"{name}_offsets"]) for name in CACHE_PARTS)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None  # unreadable: tokenise again
+
+
+def split_ids(ids, offsets):
+    ids, offsets = ids.tolist(), offsets.tolist()
+    return [ids[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def write_cache(cache, tokens):
     if cache is None:
         return
+    arrays = {}
+    for name, lists in zip(CACHE_PARTS, tokens):
+        arrays[f"{name}_offsets"] = np.array(list(itertools.accumulate(map(len, lists), initial=0)), dtype=np.int64)
+        arrays[f"{name}_ids"] = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32)
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         temporary = f"{cache}.{os.getpid()}.tmp"  # ranks may race: each renames its own file
         with open(temporary, "wb") as f:
-            pickle.dump(tokens, f, protocol=pickle.HIGHEST_PROTOCOL)
+            np.savez(f, **arrays)
         os.replace(temporary, cache)
     except OSError:
         pass  # a read-only home only costs the next run a re-tokenisation

@@ -677,7 +677,12 @@ def restore_progress(configs, parallel, optimizer, rank):
     if configs.load_model_path == "None" or configs.only_eval or not in_run_folder(configs.load_model_path, configs):
         return progress, optimizer
     try:
-        state = checkpoints.read_state(configs.load_model_path)
+        state = checkpoints.read_state(configs.load_model_path, allow_pickle=configs.legacy_state_files)
+    except checkpoints.UnsafeStateFile:
+        raise UserError(
+            f"{configs.load_model_path}.state: holds objects that safe loading refuses (a file from before 2026-12-05, "
+            "or not from coconut); set legacy_state_files: True to read it, only if you trust its source"
+        ) from None
     except Exception as e:  # a corrupt side file must not be half-used
         raise UserError(f"{configs.load_model_path}.state: not a readable training state ({type(e).__name__})") from None
     if state is None:

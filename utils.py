@@ -75,6 +75,8 @@ CONFIG_KEYS = {
     "fast_path": (str, "auto", "latent passes and decoding: auto, compiled, static or eager (see README)"),
     "sync_every": (int, 50, "batches between host syncs in training: loss logging and the non-finite check (and at every save)"),
     "tf32": (bool, False, "TF32 matmuls on a GPU (float32 weights, faster, less exact); the reference is full float32"),
+    # file safety
+    "legacy_state_files": (bool, False, "resume from .state files written before 2026-12-05 (read by full unpickling: trusted files only)"),
     # ablations (SPEC section 9); the pause-token baseline is pause_as_thought + no_curriculum
     "no_curriculum": (bool, False, "Coconut trained and evaluated at the final stage (all steps replaced) from epoch 0"),
     "pause_as_thought": (bool, False, "Coconut layout and curriculum, but latent positions keep their own embedding"),
