@@ -1,10 +1,20 @@
 """Research analysis of a trained checkpoint: how accuracy depends on the
-number of continuous thoughts, and what each thought encodes.
+number of continuous thoughts, and what each thought encodes; and its export
+to the HuggingFace format.
 
     python analysis.py sweep CONFIG.yaml [key=value ...] [--checkpoint PATH] [--data PATH]
                        [--max-thoughts K] [--batch-size B] [--out DIR]
     python analysis.py inspect CONFIG.yaml [key=value ...] [--checkpoint PATH] [--data PATH]
                        [--samples 0,3,7] [--thoughts N] [--top-k 5] [--out DIR]
+    python analysis.py export RUN_FOLDER_OR_CHECKPOINT --out DIR
+
+`export` writes the checkpoint (a run folder's newest, or the one named) as
+a HuggingFace model folder: the base model (save_pretrained, safetensors),
+the tokenizer with the three latent tokens, and coconut.json (latent ids,
+c_thought, the checkpoint's stage, the feedback options), plus
+latent_projection.safetensors if the run had one. `Coconut.from_pretrained`
+(or AutoModelForCausalLM, for the base model alone) loads it. It reads the
+run's config.yaml beside the checkpoint; the model_id it names must load.
 
 `sweep` evaluates the checkpoint on the validation set with 0..K thoughts
 (the evaluation prompt of stage n, SPEC section 3, through run.evaluate) and
@@ -28,6 +38,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 from collections import Counter, defaultdict, deque
 from contextlib import redirect_stdout
@@ -37,11 +48,12 @@ import torch
 import checkpoints
 import metrics
 import run
+from coconut import EXPORT_FILE, FEEDBACK_OPTIONS, PROJECTION_FILE
 from dataset import MyCollator, get_dataset, get_question_latent_dataset, load_samples
 from utils import Config, UserError, load_config
 
-COMMANDS = ("sweep", "inspect")
-USAGE = "analysis.py {sweep,inspect} CONFIG.yaml [key=value ...] [options]"
+COMMANDS = ("sweep", "inspect", "export")
+USAGE = "analysis.py {sweep,inspect} CONFIG.yaml [key=value ...] [options], or analysis.py export RUN_OR_CHECKPOINT --out DIR"
 GRAPH_KEYS = ("idx_to_symbol", "edges", "root")
 
 
@@ -53,6 +65,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def command_parser(command):
     parser = ArgumentParser(prog=f"analysis.py {command}", description=__doc__.split("\n\n")[0])
+    if command == "export":
+        parser.add_argument("target", help="a run folder (its newest checkpoint) or a checkpoint file")
+        parser.add_argument("--out", required=True, help="folder to write (new, or empty)")
+        return parser
     parser.add_argument("config_file", help="the run's YAML config")
     parser.add_argument("overrides", nargs="*", help="key=value pairs that override the config")
     parser.add_argument("--checkpoint", help="weights to analyse (default: as run.py resolves them for the config)")
@@ -74,7 +90,7 @@ def parse_args(argv):
         raise SystemExit(0)
     if not argv or argv[0] not in COMMANDS:
         got = f"got '{argv[0]}'" if argv else "got nothing"
-        raise UserError(f"command line: expected a command, sweep or inspect, {got} (usage: {USAGE})")
+        raise UserError(f"command line: expected a command, sweep, inspect or export, {got} (usage: {USAGE})")
     # intermixed: options may come before or after the key=value overrides
     args = command_parser(argv[0]).parse_intermixed_args(argv[1:])
     args.command = argv[0]
@@ -523,6 +539,74 @@ def plot_top_token_bars(ax, thoughts):
 
 
 # ---------------------------------------------------------------------- main
+# ---------------------------------------------------------------------- export
+def export_setup(target):
+    """The run's config (from config.yaml beside the checkpoint) with the
+    checkpoint to export as load_model_path."""
+    if os.path.isdir(target):
+        folder, checkpoint = target, None
+    elif os.path.isfile(target):
+        folder, checkpoint = os.path.dirname(os.path.abspath(target)), target
+    else:
+        raise UserError(f"{target}: no such run folder or checkpoint file")
+    config_file = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(config_file):
+        raise UserError(f"{target}: no config.yaml in {folder} (export reads the run folder run.py wrote)")
+    configs = load_config(config_file)
+    if checkpoint is None:
+        names = checkpoints.complete_checkpoints(folder)
+        if not names:
+            raise UserError(f"{target}: the run folder holds no checkpoint")
+        checkpoint = os.path.join(folder, names[-1])
+    configs.load_model_path, configs.only_eval = checkpoint, True
+    return configs
+
+
+def checkpoint_stage(configs, checkpoint):
+    """The curriculum stage the checkpoint last trained; None for a file not
+    named as run.py names checkpoints."""
+    place = checkpoints.position(os.path.basename(checkpoint))
+    if place is None:
+        return None
+    epochs, batches = place
+    return run.stage_for_epoch(configs, epochs - 1 if batches == 0 else epochs)
+
+
+def export_command(args):
+    out = args.out
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"--out '{out}': exists and is not an empty folder")
+    configs = export_setup(args.target)
+    with redirect_stdout(sys.stderr):
+        model, tokenizer, ids = run.build_model(configs)
+    meta = {
+        "latent_token_id": ids["<|latent|>"], "start_latent_id": ids["<|start-latent|>"], "end_latent_id": ids["<|end-latent|>"],
+        "eos_token_id": tokenizer.eos_token_id, "method": next((m for m in ("coconut", "cot", "no_thoughts", "no_cot") if configs[m]), "none"),
+        "c_thought": configs.c_thought, "max_latent_stage": configs.max_latent_stage, "pad_latent_to_max": configs.pad_latent_to_max,
+        "stage": checkpoint_stage(configs, configs.load_model_path), "checkpoint": os.path.abspath(configs.load_model_path),
+        **{key: configs[key] for key in FEEDBACK_OPTIONS},
+    }
+    # written to a temporary folder renamed into place: an error leaves nothing
+    temporary = f"{out.rstrip(os.sep)}.{os.getpid()}.tmp"
+    os.makedirs(temporary)
+    try:
+        run.plain_model(model).save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        if getattr(model, "latent_projection", None) is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.latent_projection.state_dict().items()}, os.path.join(temporary, PROJECTION_FILE))
+        with open(os.path.join(temporary, EXPORT_FILE), "w") as f:
+            json.dump(meta, f, indent=1)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty, checked above
+        os.replace(temporary, out)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return out
+
+
 def write_outputs(outputs, folder):
     """Only after everything is computed, so an error leaves nothing behind.
     A value is text, or a callable that writes the file at a path."""
@@ -543,6 +627,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
+        if args.command == "export":
+            print(f"wrote {export_command(args)}", file=sys.stderr)
+            return 0
         configs, raw = load_setup(args)
         outputs = (sweep_command if args.command == "sweep" else inspect_command)(args, configs, raw)
         for path in write_outputs(outputs, args.out or run.run_folder(configs)):

@@ -27,6 +27,12 @@ MAX_N_LATENT = 8
 # parameter-free layer norm
 LATENT_NORMS = ("none", "rms", "layernorm")
 
+# an exported Coconut (analysis.py export, Coconut.from_pretrained): the
+# options beside the base model, and the projection's weights if any
+EXPORT_FILE = "coconut.json"
+PROJECTION_FILE = "latent_projection.safetensors"
+FEEDBACK_OPTIONS = ("pause_as_thought", "latent_layer", "latent_norm", "latent_projection")
+
 
 def latent_columns(input_ids, latent_token_id):
     """Column of each row's k-th latent token, shape (B, max latents), -1 where
@@ -163,6 +169,33 @@ class Coconut(nn.Module):
 
     def _cache_argument(self, cache):
         return {self._cache_name: cache}
+
+    @classmethod
+    def from_pretrained(cls, folder, **kwargs):
+        """A Coconut exported by `analysis.py export`: the base model (any
+        keywords go to AutoModelForCausalLM.from_pretrained), the latent
+        token ids and feedback options from coconut.json, and the
+        latent_projection weights if it has one. The tokenizer, with the
+        latent tokens, loads with AutoTokenizer.from_pretrained(folder)."""
+        import json
+        import os
+
+        from transformers import AutoModelForCausalLM
+
+        with open(os.path.join(folder, EXPORT_FILE)) as f:
+            meta = json.load(f)
+        model = cls(
+            AutoModelForCausalLM.from_pretrained(folder, **kwargs),
+            meta["latent_token_id"], meta["start_latent_id"], meta["end_latent_id"], meta["eos_token_id"],
+            **{key: meta[key] for key in FEEDBACK_OPTIONS},
+        )
+        if model.latent_projection is not None:
+            from safetensors.torch import load_file
+
+            weights = load_file(os.path.join(folder, PROJECTION_FILE))
+            model.latent_projection.load_state_dict(weights)
+            model.latent_projection.to(model.embedding.weight.device, model.embedding.weight.dtype)
+        return model
 
     def use_fast_path(self, enabled=True, compile=True, compile_training=True):
         """Turn the fast path on or off. On: the latent passes get a 4-D mask

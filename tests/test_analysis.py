@@ -296,7 +296,7 @@ def malformed_graph_file(root):
 # (case, argv with CONFIG / CKPT / ROOT placeholders, the text the one line must hold)
 CASES = [
     ("missing-config", ["sweep", "ROOT/nope.yaml"], "nope.yaml: config file not found"),
-    ("no-command", ["plot", "CONFIG"], "expected a command, sweep or inspect, got 'plot'"),
+    ("no-command", ["plot", "CONFIG"], "expected a command, sweep, inspect or export, got 'plot'"),
     ("bad-override", ["sweep", "CONFIG", "max_latent_stag=3"], "unknown key 'max_latent_stag' (did you mean 'max_latent_stage'?)"),
     ("missing-checkpoint", ["sweep", "CONFIG", "--checkpoint", "ROOT/missing.pt"], "--checkpoint 'ROOT/missing.pt': no such checkpoint file"),
     ("corrupt-checkpoint", ["inspect", "CONFIG", "--checkpoint", "ROOT/graph_valid.json"], "load_model_path 'ROOT/graph_valid.json': not a readable checkpoint"),
