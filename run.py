@@ -801,6 +801,9 @@ def run(configs, rank, world, device):
                 save_checkpoint(parallel, optimizer, configs, progress, epoch)
     print_stage_summary(logger)
     logger.close()
+    # every rank reaches the process group's teardown together: a rank that
+    # tears gloo down while another is still finishing can abort at exit
+    barrier()
 
 
 class ArgumentParser(argparse.ArgumentParser):
