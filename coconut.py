@@ -2,8 +2,9 @@
 embedding, the last hidden state of the position before them (continuous
 thoughts), trained and decoded with a shared KV cache.
 
-This module owns the model wrapper only: no files, no torch.distributed, no
-training loop. See SPEC sections 5 and 6.
+This module owns the model wrapper only (and reading its own export,
+Coconut.from_pretrained): no torch.distributed, no training loop. See SPEC
+sections 5 and 6.
 """
 
 import inspect
@@ -65,12 +66,19 @@ def latent_plan(input_ids, latent_token_id):
 
 
 def attention_rows(key_ok, start, end):
-    """A boolean 4-D attention mask (B, 1, end - start, keys) for the queries
-    at columns [start, end): causal, over the keys `key_ok` (B, keys) marks as
-    real. A query always sees itself, so padding rows never attend to nothing
-    (their outputs are unused, but must stay finite for the backward pass)."""
+    """The 4-D mask (B, 1, end - start, keys) of visible_keys for the
+    queries at columns [start, end)."""
+    return visible_keys(key_ok, torch.arange(start, end, device=key_ok.device))
+
+
+def visible_keys(key_ok, queries):
+    """A boolean 4-D attention mask (B, 1, len(queries), keys) for the
+    queries at the given columns: causal, over the keys `key_ok` (B, keys)
+    marks as real. A query always sees itself, so padding rows never attend
+    to nothing (their outputs are unused, but must stay finite for the
+    backward pass)."""
     keys = torch.arange(key_ok.shape[1], device=key_ok.device)
-    queries = torch.arange(start, end, device=key_ok.device)[:, None]
+    queries = queries[:, None]
     visible = (keys <= queries) & (key_ok[:, None, :] | (keys == queries))
     return visible[:, None]
 
@@ -307,29 +315,35 @@ class Coconut(nn.Module):
 
     def _fast_forward(self, input_ids, attention_mask, position_ids, plan):
         """The passes of _continuous_forward without a host sync between
-        them: the mask is built once, every row's thought is computed and
-        kept only where the row has a latent, and the model may be compiled."""
-        width = input_ids.shape[1]
-        inputs_embeds = self.embedding(input_ids)
+        them: the mask is built once and the model may be compiled."""
         cache = DynamicCache(config=self.base_causallm.config)
-        mask = attention_rows(attention_mask.bool(), 0, width)
+        mask = attention_rows(attention_mask.bool(), 0, input_ids.shape[1])
+        call = self._compiled_model or self._model_call
+
+        def run_pass(embeds, positions, start, end, feeds):
+            outputs = call(
+                inputs_embeds=embeds, attention_mask=mask[:, :, start:end, :end], position_ids=positions,
+                **self._cache_argument(cache), use_cache=True, output_hidden_states=feeds,
+            )
+            return outputs.logits, outputs.hidden_states[self.latent_layer][:, -1] if feeds else None
+
+        return self._fill_by_column(input_ids, position_ids, plan, run_pass)
+
+    def _fill_by_column(self, input_ids, position_ids, plan, run_pass):
+        """The latent passes of the fast path: `run_pass(embeds, positions,
+        start, end, feeds)` runs columns [start, end) and gives (their logits,
+        the fed-back hidden state of the last one when `feeds`); every row's
+        thought is computed and kept only where the row has a latent, so
+        nothing waits for the device. Returns (logits, filled embeddings)."""
+        inputs_embeds = self.embedding(input_ids)
         has = (plan.columns >= 0).to(input_ids.device, non_blocking=True)
         scale = self._embedding_rms() if self.latent_norm == "rms" and plan.n_passes else None
-        call = self._compiled_model or self._model_call
         logits = []
-        for pass_idx, (start, end) in enumerate(self._pass_bounds(plan, width)):
-            outputs = call(
-                inputs_embeds=inputs_embeds[:, start:end],
-                attention_mask=mask[:, :, start:end, :end],
-                position_ids=position_ids[:, start:end],
-                **self._cache_argument(cache),
-                use_cache=True,
-                output_hidden_states=pass_idx < plan.n_passes,
-            )
-            logits.append(outputs.logits)
-            if pass_idx < plan.n_passes:
-                # the next latent sits at column `end`, right after this pass
-                thought = outputs.hidden_states[self.latent_layer][:, -1]
+        for pass_idx, (start, end) in enumerate(self._pass_bounds(plan, input_ids.shape[1])):
+            feeds = pass_idx < plan.n_passes
+            pass_logits, thought = run_pass(inputs_embeds[:, start:end], position_ids[:, start:end], start, end, feeds)
+            logits.append(pass_logits)
+            if feeds:  # the next latent sits at column `end`, right after this pass
                 inputs_embeds = self._put_column(inputs_embeds, end, thought, has[:, pass_idx], scale)
         self.gen_forward_cnt += plan.n_passes + 1
         return torch.cat(logits, dim=1), inputs_embeds
@@ -440,17 +454,10 @@ class Coconut(nn.Module):
         tokens; the one-column passes go through the step decoding uses.
         Returns (logits over the prompt, filled embeddings, the decoder)."""
         steps = _StaticCacheSteps(self, attention_mask, input_ids.shape[1] + max_new_tokens)
-        inputs_embeds = self.embedding(input_ids)
-        has = (plan.columns >= 0).to(input_ids.device, non_blocking=True)
-        scale = self._embedding_rms() if self.latent_norm == "rms" and plan.n_passes else None
-        logits = []
-        for pass_idx, (start, end) in enumerate(self._pass_bounds(plan, input_ids.shape[1])):
-            pass_logits, hidden = steps.columns(inputs_embeds[:, start:end], position_ids[:, start:end])
-            logits.append(pass_logits)
-            if pass_idx < plan.n_passes:
-                inputs_embeds = self._put_column(inputs_embeds, end, hidden, has[:, pass_idx], scale)
-        self.gen_forward_cnt += plan.n_passes + 1
-        return torch.cat(logits, dim=1), inputs_embeds, steps
+        logits, inputs_embeds = self._fill_by_column(
+            input_ids, position_ids, plan, lambda embeds, positions, *_: steps.columns(embeds, positions)
+        )
+        return logits, inputs_embeds, steps
 
     def _static_cache(self, batch, capacity):
         """A StaticCache for this shape, reused across calls (a compiled step
@@ -470,10 +477,8 @@ class Coconut(nn.Module):
         """One column (B, 1) at cache slot `slot` (a 0-d tensor, so that a
         compiled step serves every slot): (logits (B, vocab), fed-back hidden
         state (B, width))."""
-        keys = torch.arange(key_ok.shape[1], device=key_ok.device)
-        mask = (keys <= slot) & (key_ok | (keys == slot))
         outputs = self.base_causallm(
-            inputs_embeds=embeds, attention_mask=mask[:, None, None, :], position_ids=positions,
+            inputs_embeds=embeds, attention_mask=visible_keys(key_ok, slot.view(1)), position_ids=positions,
             **self._cache_argument(cache), use_cache=True, output_hidden_states=True,
         )
         return outputs.logits[:, -1], outputs.hidden_states[self.latent_layer][:, -1]

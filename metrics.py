@@ -6,10 +6,10 @@ Every line holds the keys logged to wandb at that moment (`train/loss`,
 since the run began, as `train/step`) and `wall_time` (seconds of this run,
 summed over restarts; for a training line, when its batch ran, though the
 line is written at the next sync point, every `sync_every` batches).
-Training lines also hold `batch` (index in the epoch). A restarted run first drops the lines past the point it resumes
-from, so the file always describes one uninterrupted history.
-Evaluation-only runs append to `eval_metrics.jsonl` instead, never touching
-the training history.
+Training lines also hold `batch` (index in the epoch). A restarted run first
+drops the lines past the point it resumes from, so the file always describes
+one uninterrupted history. Evaluation-only runs append to
+`eval_metrics.jsonl` instead, never touching the training history.
 """
 
 import json
@@ -64,7 +64,7 @@ class MetricsLog:
         """`when`: the time.monotonic() reading the record belongs to, if not now
         (training losses are read in groups, after their batches ran)."""
         record = dict(values, stage=stage, epoch=epoch, step=step, **extra)
-        record["wall_time"] = round(self.offset + (when or time.monotonic()) - self.started, 3)
+        record["wall_time"] = round(self.offset + (time.monotonic() if when is None else when) - self.started, 3)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()  # a run may be killed at any moment
 

@@ -57,8 +57,7 @@ def all_reduce_max(value):
     if not dist.is_initialized():
         return value
     tensor = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    return int(all_reduce_max_tensor(tensor).item())
 
 
 def all_reduce_max_tensor(tensor):

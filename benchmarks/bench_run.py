@@ -25,21 +25,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE]
 
+from quickstart_seeds import MODEL_ARGS, script  # noqa: E402
 from shapes import default_device, header  # noqa: E402
 
 MODELS = {
-    "quickstart": ["--n-layer", "1", "--n-embd", "96", "--n-inner", "192", "--activation", "relu"],
+    "quickstart": MODEL_ARGS,
     "gpt2-small": ["--n-layer", "12", "--n-embd", "768", "--n-head", "12"],
 }
 # stage 0 for two epochs, or the final stage (all five steps as 15 thoughts) from the first epoch
 STAGES = {"0": ["epochs_per_stage=2"], "final": ["no_curriculum=True", "uniform_prob=0"]}
 PRECISIONS = {"fp32": [], "mixed": ["mixed_precision=True"]}
-
-
-def script(name, *args):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", name), *map(str, args)], capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"error: {name}: {result.stderr.strip().splitlines()[-1]}")
 
 
 def prepare(out, samples, models):
