@@ -151,7 +151,9 @@ def load_setup(args):
     configs.only_eval = True
     if args.data is not None:
         configs.val_path = args.data  # also picks run.py's token budget (64 for gsm)
-    raw = load_samples(configs.val_path)[: 32 if configs.debug else None]  # run.py's debug subset
+    raw = load_samples(configs.val_path, **run.data_options(configs))
+    if configs.debug and len(raw) > 32:
+        raw = raw.select(range(32))  # run.py's debug subset
     return configs, raw
 
 
@@ -210,7 +212,7 @@ def sweep_command(args, configs, raw):
     top = configs.max_latent_stage if args.max_thoughts is None else args.max_thoughts
     model, tokenizer, ids, device = build(configs)
     configs.batch_size_eval = args.batch_size
-    base_valid = get_dataset(configs.val_path, tokenizer, max_size=len(raw))
+    base_valid = get_dataset(configs.val_path, tokenizer, max_size=len(raw), **run.data_options(configs))
     rows = []
     for n in range(top + 1):
         rows.append(evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n, device))
@@ -442,7 +444,7 @@ def inspect_command(args, configs, raw):
     indices = parse_sample_indices(args.samples, len(raw), configs.val_path)
     graphs = [graph_of(raw[i], i, configs.val_path) for i in indices]  # checked before the model is built
     model, tokenizer, ids, device = build(configs)
-    base_valid = get_dataset(configs.val_path, tokenizer, max_size=len(raw))
+    base_valid = get_dataset(configs.val_path, tokenizer, max_size=len(raw), **run.data_options(configs))
     table = model.base_causallm.get_input_embeddings().weight
     summary = {
         "config": args.config_file, "checkpoint": configs.load_model_path, "data": configs.val_path,

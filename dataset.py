@@ -1,22 +1,33 @@
-"""Data: reading and tokenising the JSON files, the per-stage sequence layouts
-of the curriculum, and the batch collator (SPEC sections 2 to 4).
+"""Data: reading a data source through HF `datasets` (a JSON file, a local
+Arrow/Parquet folder or a hub dataset), tokenising it, the per-stage
+sequence layouts of the curriculum, and the batch collator (SPEC sections 2
+to 4).
 
-Never imports the model. Samples are plain dicts of Python int lists; a
-dataset is a list of them behind the torch Dataset interface.
+Never imports the model. A sample is a plain dict of Python int lists; the
+tokenised samples stay in datasets' memory-mapped Arrow cache and are read a
+row (or a batch of rows) at a time behind the torch Dataset interface.
 """
 
-import hashlib
+import contextlib
 import itertools
 import json
+import logging
 import os
 import random
-import zipfile
+import re
+import uuid
 
-import numpy as np
+import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-from tqdm import tqdm
+from datasets.fingerprint import Hasher
 
-from utils import UserError, is_main_process
+from utils import SAMPLE_FIELDS, UserError, is_main_process, parse_data_columns
+
+# part of the token cache's key: change it whenever tokenise_batch changes
+# what it writes, so that older cache entries no longer apply
+TOKENISATION = "coconut-tokens-1"
 
 
 class SampleList(torch.utils.data.Dataset):
@@ -35,163 +46,329 @@ class SampleList(torch.utils.data.Dataset):
         return iter(self.samples)
 
 
-_last_loaded = {}  # (path, size, mtime) -> samples: run.py checks a file early, then tokenises it
+class TokenizedSamples(torch.utils.data.Dataset):
+    """get_dataset's samples: the rows of a datasets.Dataset, memory-mapped
+    from datasets' cache (so every rank and loader worker shares one copy),
+    each read as {"question_tokenized", "steps_tokenized",
+    "answer_tokenized", "idx"}."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, index):
+        return self.table[index]
+
+    def __getitems__(self, indices):
+        """Many rows in one read (the DataLoader asks for a batch at once)."""
+        return self.table.__getitems__(list(indices))
+
+    def __iter__(self):
+        for columns in self.table.iter(batch_size=1000):
+            yield from (dict(zip(columns, row)) for row in zip(*columns.values()))
+
+    def step_counts(self):
+        """Every sample's number of steps, read from the column at once."""
+        steps = self.table.with_format("arrow")["steps_tokenized"]
+        return pc.list_value_length(steps).to_pylist()
 
 
-def load_samples(path):
-    """Read a data file and check every sample's keys and types (once per
-    file version; the result is shared, so callers must not modify it)."""
+# ------------------------------------------------------------ data sources
+def load_samples(path, columns="", data_format="coconut"):
+    """The checked samples of a data source, as a datasets.Dataset whose rows
+    hold question (str), answer (str) and steps (list of str), plus any other
+    columns of the source. `columns` and `data_format` are the config keys
+    data_columns and data_format (README: Data)."""
+    renames = parse_columns(columns, path)
+    with quiet_datasets(progress=False):  # a few seconds at most; a bad file's error stays the only line
+        table = with_fields(read_source(path), renames, path)
+    with quiet_datasets():
+        needed = ("question", "answer") if data_format == "gsm8k" else SAMPLE_FIELDS
+        if not well_formed(table, needed, data_format):
+            raise UserError(f"{path}: {first_problem(path, table, renames, needed, data_format)}")
+        if data_format == "gsm8k":
+            table = table.map(gsm8k_fields, batched=True, desc=f"Reading {display_name(path)} as GSM8K")
+    return table
+
+
+def parse_columns(columns, path):
     try:
-        stat = os.stat(path)
-    except OSError:
-        raise UserError(f"{path}: data file not found") from None
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _last_loaded:
-        samples = read_and_check(path)
-        _last_loaded.clear()  # keep one file: a large train set is not held twice
-        _last_loaded[key] = samples
-    return _last_loaded[key]
+        return parse_data_columns(columns)
+    except ValueError as e:
+        raise UserError(f"{path}: data_columns: {e}") from None
 
 
-def read_and_check(path):
+def display_name(path):
+    return os.path.basename(path.rstrip("/")) or path
+
+
+def read_source(path):
+    """A data source's rows, read by datasets (and kept in its cache, under
+    HF_DATASETS_CACHE, as memory-mapped Arrow):
+    - a JSON file: a list of objects, the reference's format;
+    - a folder written by Dataset.save_to_disk, or holding Arrow, Parquet or
+      JSON files; FOLDER:SPLIT picks a split;
+    - ID:SPLIT or ID:CONFIG:SPLIT: a HuggingFace hub dataset (openai/gsm8k:main:train).
+    """
+    if os.path.isfile(path):
+        return read_json_file(path)
+    if os.path.isdir(path):
+        return read_folder(path, None, None, path)
+    head, sep, split = path.rpartition(":")
+    if not sep or not head or not split or path.endswith(".json"):
+        hint = "" if path.endswith(".json") else " (a hub dataset is named ID:SPLIT)"
+        raise UserError(f"{path}: data file not found{hint}")
+    name, _, config = head.partition(":")
+    return read_folder(name, config or None, split, path)
+
+
+def read_json_file(path):
+    with open(path, "rb") as f:
+        opening = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not opening.startswith(b"["):  # datasets would read one object as one row
+        raise UserError(f"{path}: {json_file_problem(path) or 'expected a JSON list of samples'}")
     try:
-        with open(path) as f:
+        return datasets.load_dataset("json", data_files=os.path.abspath(path), split="train")
+    except Exception as e:  # datasets' many error types; the file's own problem is named below
+        raise UserError(f"{path}: {json_file_problem(path) or one_line(e)}") from None
+
+
+def json_file_problem(path):
+    """What makes a file that datasets could not read unusable, in the
+    reference's terms; None if it is a non-empty JSON list."""
+    try:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: data file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+        return f"not valid JSON ({e})"
     if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+        return f"expected a JSON list of samples, got {type(data).__name__}"
     if not data:
+        return "holds no samples"
+    return None
+
+
+def read_folder(name, config, split, path):
+    """A saved dataset, a folder of data files or a hub dataset id, as one split."""
+    try:
+        if os.path.isdir(name) and is_saved_dataset(name):
+            loaded = datasets.load_from_disk(name)
+        else:
+            loaded = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # not found, no such split or config, hub unreachable, unreadable files
+        raise UserError(f"{path}: cannot be read by datasets: {one_line(e)}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None and len(loaded) == 1:
+            (loaded,) = loaded.values()
+        elif split in loaded:
+            loaded = loaded[split]
+        else:
+            splits = ", ".join(loaded)
+            what = f"has no split '{split}'" if split else "holds several splits"
+            raise UserError(f"{path}: {what} (it has {splits}): name one as {name}:SPLIT")
+    elif split is not None and is_saved_dataset(name):
+        raise UserError(f"{path}: a saved single dataset has no splits: give the folder without ':{split}'")
+    if len(loaded) == 0:
         raise UserError(f"{path}: holds no samples")
-    for index, sample in enumerate(data):
-        problem = sample_problem(sample)
+    return loaded
+
+
+def is_saved_dataset(folder):
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def one_line(error):
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def with_fields(table, renames, path):
+    """The source's columns renamed to the sample fields (data_columns); a
+    column already holding a field's name gives way to the renamed one."""
+    missing = [column for column in renames.values() if column not in table.column_names]
+    if missing:
+        raise UserError(f"{path}: data_columns names column '{missing[0]}', which the data does not have "
+                        f"(its columns: {', '.join(table.column_names)})")
+    renames = {column: field for field, column in renames.items() if column != field}
+    replaced = [field for field in renames.values() if field in table.column_names and field not in renames]
+    if replaced:
+        table = table.remove_columns(replaced)
+    return table.rename_columns(renames) if renames else table
+
+
+def well_formed(table, needed, data_format):
+    """Every needed column present with the right type and no missing values
+    (a vectorised check; first_problem names the offending sample)."""
+    schema = table.data.schema
+    for field in needed:
+        if field not in schema.names:
+            return False
+        kind = schema.field(field).type
+        if field == "steps":
+            if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not (
+                pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type) or pa.types.is_null(kind.value_type)
+            ):
+                return False
+            if pc.list_flatten(table.data.column(field)).null_count:
+                return False
+        elif not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            return False
+        if table.data.column(field).null_count:
+            return False
+    if data_format == "gsm8k":
+        return pc.all(pc.match_substring(table.data.column("answer"), "####")).as_py()
+    return True
+
+
+def first_problem(path, table, renames, needed, data_format):
+    """The first sample that is not well formed, and what is wrong with it.
+    A JSON file is read again as JSON, so the message speaks of the file's
+    own keys and values (a table row reads a missing value as None)."""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    else:
+        rows, renames = table, {}  # its columns are renamed already
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            return f"sample {index}: expected an object, got {type(row).__name__}"
+        sample = {field: row[renames.get(field, field)] for field in needed if renames.get(field, field) in row}
+        problem = sample_problem(sample, needed) or (gsm8k_problem(sample) if data_format == "gsm8k" else None)
         if problem:
-            raise UserError(f"{path}: sample {index}: {problem}")
-    return data
+            return f"sample {index}: {problem}"
+    return "cannot be read as samples of question, answer and steps"
 
 
-def sample_problem(sample):
+def sample_problem(sample, needed=SAMPLE_FIELDS):
     if not isinstance(sample, dict):
         return f"expected an object, got {type(sample).__name__}"
-    for key in ("question", "answer", "steps"):
+    for key in needed:
         if key not in sample:
             return f"missing key '{key}'"
     for key in ("question", "answer"):
         if not isinstance(sample[key], str):
             return f"'{key}' must be a string, got {type(sample[key]).__name__}"
-    steps = sample["steps"]
-    if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
-        return "'steps' must be a list of strings"
+    if "steps" in needed:
+        steps = sample["steps"]
+        if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+            return "'steps' must be a list of strings"
     return None
 
 
-def get_dataset(path, tokenizer, max_size=1000000000):
-    """Tokenise a data file: question (+ "\\n", special tokens), each step
-    (+ "\\n"), answer ("### " + answer, then eos), and the sample index.
-    The token ids are kept in an on-disk cache keyed by the file and the
-    tokenizer, so a restart (or every rank of a launch) tokenises once."""
-    data = load_samples(path)[:max_size]
-    cache = cache_path(path, tokenizer, len(data))
-    tokens = cached = read_cache(cache)
-    if tokens is None:
-        texts = (
-            [d["question"] + "\n" for d in data],
-            ["### " + d["answer"] for d in data],
-            [s + "\n" for d in data for s in d["steps"]],
-        )
-        total = sum(map(len, texts))
-        desc = f"Tokenizing {os.path.basename(path)}"
-        with tqdm(total=total, desc=desc, unit="text", disable=not is_main_process(), dynamic_ncols=True) as bar:
-            tokens = tuple(encode_all(tokenizer, part, special=i == 0, bar=bar) for i, part in enumerate(texts))
-    questions, answers, flat_steps = tokens
-    bounds = list(itertools.accumulate([len(d["steps"]) for d in data], initial=0))
-    eos = tokenizer.eos_token_id
-    samples = [
-        {
-            "question_tokenized": questions[i],
-            "steps_tokenized": flat_steps[bounds[i] : bounds[i + 1]],
-            "answer_tokenized": answers[i] + [eos],
-            "idx": i,
-        }
-        for i in range(len(data))
-    ]
-    check_token_boundaries(path, data[0], samples[0], tokenizer)
-    if cached is None:
-        write_cache(cache, tokens)
-    return SampleList(samples)
+GSM8K_ANNOTATION = re.compile(r"<<[^<>]*>>")
 
 
-def cache_path(path, tokenizer, n_samples):
-    """Cache file for this data file's content and this exact tokenizer
-    (its whole serialised form, added tokens included); None when caching
-    is off (COCONUT_CACHE=off) or the tokenizer cannot be fingerprinted."""
-    root = os.environ.get("COCONUT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "coconut"))
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if root == "off" or backend is None:
-        return None
-    stat = os.stat(path)
-    key = hashlib.sha256()
-    for part in (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, n_samples, backend.to_str()):
-        key.update(str(part).encode() + b"\0")
-    return os.path.join(root, "tokens-" + key.hexdigest()[:32] + ".npz")
+def gsm8k_problem(sample):
+    if "####" not in sample["answer"]:
+        return "'answer' has no '####' before the final answer (data_format gsm8k reads a GSM8K worked solution)"
+    return None
 
 
-CACHE_PARTS = ("questions", "answers", "steps")
+def gsm8k_fields(batch):
+    """A GSM8K worked solution (the answer column of openai/gsm8k) split into
+    the reference's GSM8K-Aug form: the steps are its <<...>> calculator
+    annotations, in order, and the answer is the text after the last ####."""
+    steps, answers = [], []
+    for solution in batch["answer"]:
+        reasoning, _, final = solution.rpartition("####")
+        steps.append(GSM8K_ANNOTATION.findall(reasoning))
+        answers.append(final.strip())
+    return {"answer": answers, "steps": steps}
 
 
-def read_cache(cache):
-    """The cached (questions, answers, steps) id lists, or None. The file is
-    plain arrays (NumPy's .npz, read without pickle), so a cache folder from
-    elsewhere cannot run code."""
-    if cache is None or not os.path.exists(cache):
-        return None
+@contextlib.contextmanager
+def quiet_datasets(progress=None):
+    """datasets' progress bars on the main process only, and its log lines
+    kept to real errors (a failed read is reported as one line by us)."""
+    progress = is_main_process() if progress is None else progress
+    bars_were_off = datasets.is_progress_bar_enabled() is False
+    verbosity = datasets.logging.get_verbosity()
+    if not progress:
+        datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(logging.CRITICAL)
     try:
-        with np.load(cache, allow_pickle=False) as arrays:
-            return tuple(split_ids(arrays[f"{name}_ids"], arrays[f"{name}_offsets"]) for name in CACHE_PARTS)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return None  # unreadable: tokenise again
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not progress and not bars_were_off:
+            datasets.enable_progress_bars()
 
 
-def split_ids(ids, offsets):
-    ids, offsets = ids.tolist(), offsets.tolist()
-    return [ids[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+# ------------------------------------------------------------ tokenisation
+def get_dataset(path, tokenizer, max_size=1000000000, columns="", data_format="coconut"):
+    """Tokenise a data source's first max_size samples: question (+ "\\n",
+    special tokens), each step (+ "\\n"), answer ("### " + answer, then
+    eos), and the sample index. datasets keeps the ids in its cache, keyed by
+    the source's fingerprint and this exact tokenizer, so a later run (or
+    every other rank) reads them back instead of tokenising."""
+    raw = load_samples(path, columns, data_format)
+    if max_size < len(raw):
+        raw = raw.select(range(max_size))
+    with quiet_datasets():
+        tokens = tokenize(raw, tokenizer, f"Tokenizing {display_name(path)}")
+    samples = TokenizedSamples(tokens)
+    check_token_boundaries(path, raw[0], samples[0], tokenizer)
+    return samples
 
 
-def write_cache(cache, tokens):
-    if cache is None:
-        return
-    arrays = {}
-    for name, lists in zip(CACHE_PARTS, tokens):
-        arrays[f"{name}_offsets"] = np.array(list(itertools.accumulate(map(len, lists), initial=0)), dtype=np.int64)
-        arrays[f"{name}_ids"] = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32)
-    try:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        temporary = f"{cache}.{os.getpid()}.tmp"  # ranks may race: each renames its own file
-        with open(temporary, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(temporary, cache)
-    except OSError:
-        pass  # a read-only home only costs the next run a re-tokenisation
+TOKEN_FEATURES = datasets.Features({
+    "question_tokenized": datasets.List(datasets.Value("int32")),
+    "steps_tokenized": datasets.List(datasets.List(datasets.Value("int32"))),
+    "answer_tokenized": datasets.List(datasets.Value("int32")),
+    "idx": datasets.Value("int64"),
+})
 
 
-def encode_all(tokenizer, texts, special, bar=None, chunk=50000):
-    """Token ids of many texts, in batched calls of `chunk` texts (advancing
-    the progress `bar`). A fast tokenizer's Rust backend is called directly:
-    the same ids, without building the BatchEncoding that costs most of the
-    time for GSM8K's 1.3M steps."""
+def tokenize(raw, tokenizer, desc):
+    """Dataset.map over the samples, written to datasets' cache beside the
+    source's own files. A tokenizer that cannot be fingerprinted (no
+    serialisable backend), or a source held in memory, is tokenised in
+    memory every time."""
+    key = tokenizer_key(tokenizer)
+    cached = key is not None and bool(raw.cache_files)
+    # the source's fingerprint is datasets' own (file path and mtime, hub
+    # revision, or every transform applied): with the tokenizer it names the result
+    fingerprint = Hasher.hash([raw._fingerprint, TOKENISATION, key]) if cached else uuid.uuid4().hex
+    return raw.map(
+        tokenise_batch, batched=True, batch_size=10000, with_indices=True, fn_kwargs={"tokenizer": tokenizer},
+        remove_columns=raw.column_names, features=TOKEN_FEATURES, keep_in_memory=not cached,
+        load_from_cache_file=cached, new_fingerprint=fingerprint, desc=desc,
+    )
+
+
+def tokenizer_key(tokenizer):
+    """The tokenizer's whole serialised form (vocabulary, merges, added
+    tokens, normaliser) and its eos id, or None when it has none."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    ids = []
-    for start in range(0, len(texts), chunk):
-        part = texts[start : start + chunk]
-        if backend is not None:
-            ids += [e.ids for e in backend.encode_batch(part, add_special_tokens=special)]
-        else:
-            ids += tokenizer(part, add_special_tokens=special)["input_ids"]
-        if bar is not None:
-            bar.update(len(part))
-    return ids
+    if backend is None:
+        return None
+    return [backend.to_str(), tokenizer.eos_token_id]
+
+
+def tokenise_batch(batch, indices, tokenizer):
+    """One batch of samples' token ids (SPEC section 2)."""
+    questions = encode_all(tokenizer, [q + "\n" for q in batch["question"]], special=True)
+    answers = encode_all(tokenizer, ["### " + a for a in batch["answer"]], special=False)
+    flat_steps = encode_all(tokenizer, [s + "\n" for steps in batch["steps"] for s in steps], special=False)
+    bounds = list(itertools.accumulate(map(len, batch["steps"]), initial=0))
+    return {
+        "question_tokenized": questions,
+        "steps_tokenized": [flat_steps[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
+        "answer_tokenized": [ids + [tokenizer.eos_token_id] for ids in answers],
+        "idx": indices,
+    }
+
+
+def encode_all(tokenizer, texts, special):
+    """Token ids of many texts in one batched call. A fast tokenizer's Rust
+    backend is called directly: the same ids, without building the
+    BatchEncoding that costs most of the time for GSM8K's 1.3M steps."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
+    return tokenizer(texts, add_special_tokens=special)["input_ids"]
 
 
 def check_token_boundaries(path, raw, sample, tokenizer):
@@ -267,8 +444,7 @@ def get_cot_latent_dataset(
     rng = random.Random(seed) if seed is not None else random
     cap, pad, c_thought = configs.max_latent_stage, configs.pad_latent_to_max, configs.c_thought
     plans = []
-    for position, sample in enumerate(base_dataset):
-        n_steps = len(sample["steps_tokenized"])
+    for position, n_steps in enumerate(step_counts(base_dataset)):
         stage = scheduled_stage
         if configs.uniform_prob and rng.random() < configs.uniform_prob:
             stage = rng.choice(range(n_steps + 1))
@@ -282,6 +458,12 @@ def get_cot_latent_dataset(
     if shuffle:
         rng.shuffle(plans)
     return StageSamples(base_dataset, plans, (start_id, latent_id, end_id), not no_special_marker)
+
+
+def step_counts(base_dataset):
+    if hasattr(base_dataset, "step_counts"):
+        return base_dataset.step_counts()
+    return [len(sample["steps_tokenized"]) for sample in base_dataset]
 
 
 class StageSamples(torch.utils.data.Dataset):
@@ -299,7 +481,19 @@ class StageSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         position, n_skip, n_latent = self.plans[index]
-        sample = self.base[position]
+        return self._laid_out(self.base[position], n_skip, n_latent)
+
+    def __getitems__(self, indices):
+        """A batch's sequences, their base samples read together."""
+        plans = [self.plans[i] for i in indices]
+        positions = [position for position, _, _ in plans]
+        if hasattr(self.base, "__getitems__"):
+            samples = self.base.__getitems__(positions)
+        else:
+            samples = [self.base[p] for p in positions]
+        return [self._laid_out(sample, n_skip, n_latent) for sample, (_, n_skip, n_latent) in zip(samples, plans)]
+
+    def _laid_out(self, sample, n_skip, n_latent):
         prompt = _sequence(sample["question_tokenized"], n_latent, self.markers, *self.token_ids)
         rest = list(itertools.chain.from_iterable(sample["steps_tokenized"][n_skip:])) + sample["answer_tokenized"]
         return _with_masks(sample, prompt + rest, labels=[-100] * len(prompt) + rest)

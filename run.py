@@ -652,12 +652,36 @@ def set_tf32(configs, device):
 
 
 # --------------------------------------------------------------------- main
+@contextmanager
+def main_process_first():
+    """The body runs on the node's first process, then on the others: the
+    first fills datasets' cache, the others read what it wrote. The first
+    process reaches the barrier even when the body fails, so the others go
+    on to meet the same error instead of waiting forever."""
+    if not dist.is_initialized():
+        yield
+        return
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if not first:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if first:
+            dist.barrier()
+
+
+def data_options(configs):
+    return dict(columns=configs.data_columns, data_format=configs.data_format)
+
+
 def load_data(configs):
-    """Read and check the data files before anything is built or written;
+    """Read and check the data sources before anything is built or written;
     returns the validation samples."""
-    raw_val = load_samples(configs.val_path)
-    if not configs.only_eval:
-        load_samples(configs.train_path)  # kept in memory for its tokenisation
+    with main_process_first():
+        raw_val = load_samples(configs.val_path, **data_options(configs))
+        if not configs.only_eval:
+            load_samples(configs.train_path, **data_options(configs))
     return raw_val
 
 
@@ -752,9 +776,10 @@ def run(configs, rank, world, device):
     decoder = set_up_fast_path(model, tokenizer, configs, device, world)
     start_id, end_id, latent_id = ids["<|start-latent|>"], ids["<|end-latent|>"], ids["<|latent|>"]
 
-    if not configs.only_eval:  # first: load_data left this file's samples in memory
-        base_train = get_dataset(configs.train_path, tokenizer, max_size=train_size(configs))
-    base_valid = get_dataset(configs.val_path, tokenizer, max_size=32 if configs.debug else 100000000)
+    with main_process_first():
+        if not configs.only_eval:
+            base_train = get_dataset(configs.train_path, tokenizer, max_size=train_size(configs), **data_options(configs))
+        base_valid = get_dataset(configs.val_path, tokenizer, max_size=32 if configs.debug else 100000000, **data_options(configs))
     new_tokens = max_new_tokens(configs)
     markerless = configs.cot or configs.no_cot or configs.no_thoughts
 

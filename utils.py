@@ -12,6 +12,8 @@ import yaml
 from coconut import LATENT_NORMS
 
 FAST_PATHS = ("auto", "compiled", "static", "eager")
+DATA_FORMATS = ("coconut", "gsm8k")
+SAMPLE_FIELDS = ("question", "answer", "steps")
 
 
 class UserError(Exception):
@@ -56,8 +58,8 @@ CONFIG_KEYS = {
     "seed": (int, 0, "random seed"),
     "resume": (int, 0, "first epoch to run (epochs before it are skipped)"),
     "bf16": (bool, False, "cast the model to bfloat16 (reference behaviour)"),
-    "train_path": (str, "None", "training data JSON (needed unless only_eval)"),
-    "val_path": (str, REQUIRED, "validation data JSON"),
+    "train_path": (str, "None", "training data: JSON file, Arrow/Parquet folder or hub ID:SPLIT (needed unless only_eval)"),
+    "val_path": (str, REQUIRED, "validation data, as train_path"),
     "reset_optimizer": (bool, False, "new AdamW at the start of every epoch"),
     "batch_size_training": (int, 32, "training batch size per process"),
     "debug": (bool, False, "no wandb, no checkpoints, 5000 train / 32 validation samples"),
@@ -71,6 +73,9 @@ CONFIG_KEYS = {
     "keep_last": (int, 0, "keep only the newest this many checkpoints, plus the best (0: keep all)"),
     "train_samples": (int, 0, "train on the first this many samples of train_path (0: all)"),
     "mixed_precision": (bool, False, "bf16 autocast with float32 weights and AdamW state"),
+    # data sources (see README: Data)
+    "data_columns": (str, "", "source columns holding question, answer, steps, as field=column pairs, e.g. question=problem"),
+    "data_format": (str, "coconut", "coconut (steps: a list of strings) or gsm8k (steps and answer from a GSM8K worked solution)"),
     # speed (results equal the eager reference up to floating-point rounding)
     "fast_path": (str, "auto", "latent passes and decoding: auto, compiled, static or eager (see README)"),
     "sync_every": (int, 50, "batches between host syncs in training: loss logging and the non-finite check (and at every save)"),
@@ -170,6 +175,12 @@ def check_config(config, source):
     for key in ("c_thought", "epochs_per_stage", "max_latent_stage", "resume", "seed", "save_every_steps", "keep_last", "train_samples", "weight_decay"):
         if config[key] < 0:
             raise UserError(f"{source}: key '{key}' must be >= 0")
+    if config.data_format not in DATA_FORMATS:
+        raise UserError(f"{source}: key 'data_format' must be one of {', '.join(DATA_FORMATS)}, got {config.data_format!r}")
+    try:
+        parse_data_columns(config.data_columns)
+    except ValueError as e:
+        raise UserError(f"{source}: key 'data_columns': {e}") from None
     if config.fast_path not in FAST_PATHS:
         raise UserError(f"{source}: key 'fast_path' must be one of {', '.join(FAST_PATHS)}, got {config.fast_path!r}")
     for key in ("batch_size_training", "batch_size_eval", "gradient_accumulation_steps", "epochs_per_stage", "num_epochs", "sync_every"):
@@ -204,6 +215,22 @@ def check_ablations(config, source):
         raise UserError(f"{source}: keys no_curriculum and uniform_prob are both set; uniform_prob draws earlier stages")
     if config.no_curriculum and config.max_latent_stage == 0:
         raise UserError(f"{source}: key 'max_latent_stage' is 0 with no_curriculum set: the final stage has no continuous thoughts")
+
+
+def parse_data_columns(text):
+    """`data_columns` ("question=problem,steps=rationale") as {field: column};
+    ValueError names what is wrong."""
+    renames = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        field, sep, column = (part.strip() for part in pair.partition("="))
+        if not sep or not column:
+            raise ValueError(f"expected field=column, got {pair!r}")
+        if field not in SAMPLE_FIELDS:
+            raise ValueError(f"{field!r} is not one of {', '.join(SAMPLE_FIELDS)}")
+        if field in renames:
+            raise ValueError(f"{field!r} is given twice")
+        renames[field] = column
+    return renames
 
 
 def set_seed(seed):

@@ -4,7 +4,6 @@ python -m pytest -q tests/test_dataset.py
 """
 
 import json
-import os
 
 import pytest
 import torch
@@ -231,16 +230,23 @@ class CountingTokenizer:
         return getattr(self.inner, name)
 
 
-def test_tokenisation_is_cached_on_disk(tokenizers, tmp_path, monkeypatch):
-    monkeypatch.setenv("COCONUT_CACHE", str(tmp_path / "cache"))
+def test_tokenisation_is_cached_by_datasets(tokenizers, tmp_path):
+    """The ids live in datasets' cache (HF_DATASETS_CACHE, a temp folder in
+    the tests), keyed by the file's fingerprint and the exact tokenizer."""
     path = write(tmp_path, [SAMPLE, dict(SAMPLE, question="Other?")])
     tok = CountingTokenizer(tokenizers["gpt2"])
     first = list(get_dataset(path, tok))
-    assert tok.calls == 3 and len(os.listdir(tmp_path / "cache")) == 1
-    assert list(get_dataset(path, tok)) == first and tok.calls == 3  # read back, not tokenised
+    assert tok.calls == 3  # questions, answers, steps: one batch each
+    again = get_dataset(path, tok)
+    assert list(again) == first and tok.calls == 3  # read back, not tokenised
+    assert again.table.cache_files  # memory-mapped from the cache on disk
     assert len(get_dataset(path, tok, max_size=1)) == 1 and tok.calls == 6  # another size, another entry
+    assert len(get_dataset(path, tok, max_size=1)) == 1 and tok.calls == 6
     write(tmp_path, [SAMPLE])  # the file changes: its cache entry no longer applies
     assert len(get_dataset(path, tok)) == 1 and tok.calls == 9
-    monkeypatch.setenv("COCONUT_CACHE", "off")
-    get_dataset(path, tok)
-    assert tok.calls == 12 and len(os.listdir(tmp_path / "cache")) == 3
+    from transformers import AutoTokenizer
+
+    other = CountingTokenizer(AutoTokenizer.from_pretrained(tokenizers["gpt2"].name_or_path))
+    other.inner.add_tokens(["<|extra|>"])  # another tokenizer: tokenised again
+    get_dataset(path, other)
+    assert other.calls == 3

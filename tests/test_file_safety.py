@@ -2,7 +2,7 @@
 torch.load(weights_only=True), a .state carrying a code-running pickle is
 refused with one line and runs nothing, an older state file resumes only
 with `legacy_state_files` (and says so), and the token cache is plain
-arrays.
+Arrow, read by datasets without pickle.
 
 python -m pytest -q tests/test_file_safety.py
 """
@@ -78,17 +78,20 @@ def test_an_older_state_resumes_only_when_asked(workspace, tmp_path, capsys, mon
     assert (folder / "checkpoint_2").exists()
 
 
-def test_token_cache_is_plain_arrays(workspace, tmp_path, monkeypatch):
+def test_token_cache_is_plain_arrow(workspace, tmp_path, monkeypatch):
+    import pyarrow as pa
     from transformers import AutoTokenizer
 
     root, model_dir = workspace
-    monkeypatch.setenv("COCONUT_CACHE", str(tmp_path / "cache"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     first = get_dataset(str(root / "train.json"), tokenizer)
-    (name,) = os.listdir(tmp_path / "cache")
-    assert name.endswith(".npz")
-    with np.load(tmp_path / "cache" / name, allow_pickle=False) as arrays:  # loads without pickle
-        assert sorted(arrays) == sorted(f"{p}_{k}" for p in ("questions", "answers", "steps") for k in ("ids", "offsets"))
+    (cache,) = [f["filename"] for f in first.table.cache_files]
+    assert cache.endswith(".arrow")
+    with pa.memory_map(cache) as source:  # an Arrow stream of int columns: nothing to unpickle
+        table = pa.ipc.open_stream(source).read_all()
+    assert table.column_names == ["question_tokenized", "steps_tokenized", "answer_tokenized", "idx"]
+    assert table.column("question_tokenized").to_pylist() == [s["question_tokenized"] for s in first]
+
     def no_tokenising(*args, **kwargs):
         raise AssertionError("tokenised again: the cache was not read")
 

@@ -131,7 +131,8 @@ def test_progress_bars_on_the_main_process_only(main, workspace, tmp_path, monke
     import dataset
 
     root, model_dir = workspace
-    monkeypatch.setenv("COCONUT_CACHE", "off")
     monkeypatch.setattr(dataset, "is_main_process", lambda: main)
-    dataset.get_dataset(str(root / "train.json"), AutoTokenizer.from_pretrained(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_tokens([f"<|fresh-{main}|>"])  # a tokenizer of its own: nothing to read from the cache
+    dataset.get_dataset(str(root / "train.json"), tokenizer)
     assert ("Tokenizing train.json" in capsys.readouterr().err) == main
