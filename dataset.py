@@ -82,14 +82,15 @@ def load_samples(path, columns="", data_format="coconut"):
     columns of the source. `columns` and `data_format` are the config keys
     data_columns and data_format (README: Data)."""
     renames = parse_columns(columns, path)
-    with quiet_datasets(progress=False):  # a few seconds at most; a bad file's error stays the only line
+    with quiet_datasets(progress=False):  # seconds (8 for 385k samples): a bad file's error stays the only line
         table = with_fields(read_source(path), renames, path)
     with quiet_datasets():
         needed = ("question", "answer") if data_format == "gsm8k" else SAMPLE_FIELDS
         if not well_formed(table, needed, data_format):
             raise UserError(f"{path}: {first_problem(path, table, renames, needed, data_format)}")
         if data_format == "gsm8k":
-            table = table.map(gsm8k_fields, batched=True, desc=f"Reading {display_name(path)} as GSM8K")
+            table = table.map(gsm8k_fields, batched=True, keep_in_memory=not cache_writable(table),
+                              desc=f"Reading {display_name(path)} as GSM8K")
     return table
 
 
@@ -324,10 +325,11 @@ TOKEN_FEATURES = datasets.Features({
 def tokenize(raw, tokenizer, desc):
     """Dataset.map over the samples, written to datasets' cache beside the
     source's own files. A tokenizer that cannot be fingerprinted (no
-    serialisable backend), or a source held in memory, is tokenised in
-    memory every time."""
+    serialisable backend), a source held in memory, or one in a folder this
+    user cannot write (a shared read-only copy) is tokenised in memory every
+    time."""
     key = tokenizer_key(tokenizer)
-    cached = key is not None and bool(raw.cache_files)
+    cached = key is not None and cache_writable(raw)
     # the source's fingerprint is datasets' own (file path and mtime, hub
     # revision, or every transform applied): with the tokenizer it names the result
     fingerprint = Hasher.hash([raw._fingerprint, TOKENISATION, key]) if cached else uuid.uuid4().hex
@@ -336,6 +338,12 @@ def tokenize(raw, tokenizer, desc):
         remove_columns=raw.column_names, features=TOKEN_FEATURES, keep_in_memory=not cached,
         load_from_cache_file=cached, new_fingerprint=fingerprint, desc=desc,
     )
+
+
+def cache_writable(table):
+    """Whether datasets can write a transform's result beside the table's
+    files (where it puts it)."""
+    return bool(table.cache_files) and os.access(os.path.dirname(table.cache_files[0]["filename"]), os.W_OK)
 
 
 def tokenizer_key(tokenizer):

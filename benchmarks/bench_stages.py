@@ -1,7 +1,8 @@
 """Benchmark 3: building a stage's training set at GSM8K scale (385,620
 samples, GSM8K-sized token counts), as run.py does every epoch, plus the
-one-off cost of tokenising a file of that size and of laying out every
-sequence once (what the data loader does over an epoch).
+one-off cost of tokenising a file of that size (first run, then a later run
+reading datasets' cache) and of laying out every sequence once (what the
+data loader does over an epoch).
 
 python benchmarks/bench_stages.py
 """
@@ -9,17 +10,34 @@ python benchmarks/bench_stages.py
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 
-import torch
-from shapes import REPO, gsm_like, header
+# datasets reads its cache folder when imported: a fresh one, so that the
+# first load below really tokenises
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="bench-stages-"))
 
-from dataset import MyCollator, get_cot_latent_dataset, get_dataset
-from utils import Config
+import torch  # noqa: E402
+from shapes import REPO, gsm_like, header  # noqa: E402
+
+from dataset import MyCollator, get_cot_latent_dataset, get_dataset  # noqa: E402
+from utils import Config  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "tests"))
+
+# a later run: a new process, timing get_dataset only (not the imports)
+LATER_RUN = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from transformers import AutoTokenizer
+from dataset import get_dataset
+tokenizer = AutoTokenizer.from_pretrained({folder!r})
+start = time.perf_counter()
+samples = get_dataset({path!r}, tokenizer)
+print(time.perf_counter() - start, len(samples))
+"""
 
 
 def seconds(fn):
@@ -28,21 +46,32 @@ def seconds(fn):
     return time.perf_counter() - start, result
 
 
-def tokenise_file(n):
+def tokenise_file(n, folder):
     """get_dataset on an n-sample GSM8K-style file, with a byte-level BPE
     tokenizer trained here (the hub's GPT-2 tokenizer is not needed): the
-    first call tokenises, the second reads the on-disk cache."""
-    with tempfile.TemporaryDirectory() as folder:
-        os.environ["COCONUT_CACHE"] = os.path.join(folder, "cache")
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # as in a run (the tests turn it off)
-        from conftest import make_samples, train_tokenizer
+    first call tokenises, a new process then reads datasets' cache.
+    Returns (first seconds, later-run seconds, the tokenised samples)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # as in a run (the tests turn it off)
+    from conftest import make_samples, train_tokenizer
 
-        tokenizer = train_tokenizer(folder)
-        path = os.path.join(folder, "gsm_like.json")
-        samples = make_samples(1000, seed=5, max_steps=5)
-        with open(path, "w") as f:
-            json.dump((samples * (n // len(samples) + 1))[:n], f)
-        return seconds(lambda: get_dataset(path, tokenizer))[0], seconds(lambda: get_dataset(path, tokenizer))[0]
+    tokenizer = train_tokenizer(folder)
+    path = os.path.join(folder, "gsm_like.json")
+    samples = make_samples(1000, seed=5, max_steps=5)
+    with open(path, "w") as f:
+        json.dump((samples * (n // len(samples) + 1))[:n], f)
+    first, tokenised = seconds(lambda: get_dataset(path, tokenizer))
+    script = LATER_RUN.format(repo=REPO, folder=folder, path=path)
+    later = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    took, count = later.stdout.split()
+    assert int(count) == n
+    return first, float(took), tokenised
+
+
+def lay_out_all(built):
+    """Every sequence of a stage, read as the loader does: a batch of 32
+    indices at a time."""
+    for start in range(0, len(built), 32):
+        built.__getitems__(range(start, min(start + 32, len(built))))
 
 
 def main():
@@ -60,8 +89,8 @@ def main():
         print(f"| build stage {stage} training set (shuffled) | {took:.2f} |", flush=True)
     took, _ = seconds(lambda: get_cot_latent_dataset(2, base, Config(config, uniform_prob=0.5), 1, 2, 3, shuffle=True, seed=9))
     print(f"| build stage 2 with uniform_prob 0.5 | {took:.2f} |", flush=True)
-    took, _ = seconds(lambda: [built[i] for i in range(len(built))])
-    print(f"| lay out all {len(built)} sequences once (loader work over an epoch) | {took:.2f} |", flush=True)
+    took, _ = seconds(lambda: lay_out_all(built))
+    print(f"| lay out all {len(built)} sequences once, from in-memory samples (loader work over an epoch) | {took:.2f} |", flush=True)
 
     class PadTokenizer:
         pad_token_id = 0
@@ -69,9 +98,14 @@ def main():
     collator = MyCollator(PadTokenizer(), latent_id=2)
     took, _ = seconds(lambda: [collator([built[j] for j in range(i, i + 32)]) for i in range(0, 32 * 2000, 32)])
     print(f"| collate 2000 batches of 32 | {took:.2f} |", flush=True)
-    first, cached = tokenise_file(args.samples)
-    print(f"| read and tokenise a {args.samples}-sample file (get_dataset, byte-level BPE, first run) | {first:.2f} |")
-    print(f"| the same with its tokens in the on-disk cache (every later run and rank) | {cached:.2f} |", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        first, later, tokenised = tokenise_file(args.samples, folder)
+        print(f"| read and tokenise a {args.samples}-sample file (get_dataset, byte-level BPE, first run) | {first:.2f} |")
+        print(f"| the same in a later run: a new process, ids from datasets' cache (every later run and rank) | {later:.2f} |", flush=True)
+        took, built = seconds(lambda: get_cot_latent_dataset(2, tokenised, config, 1, 2, 3, shuffle=True, seed=2))
+        print(f"| build stage 2 from the tokenised file (memory-mapped, as run.py) | {took:.2f} |", flush=True)
+        took, _ = seconds(lambda: lay_out_all(built))
+        print(f"| lay out all {len(built)} sequences of it once (loader work over an epoch) | {took:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

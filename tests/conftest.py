@@ -6,9 +6,11 @@ data files. No network.
 Run the whole suite with: python -m pytest -q tests
 """
 
+import atexit
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 
@@ -18,7 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf-datasets-"))  # never the user's own cache
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-")  # never the user's own cache
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 EOS = "<|endoftext|>"
 BOS = "<s>"

@@ -56,6 +56,10 @@ def test_overrides(tmp_path):
         ({"train_samples": -1}, "key 'train_samples' must be >= 0"),
         ({"uniform_prob": 2.0}, "key 'uniform_prob' must be between 0 and 1"),
         ({"train_path": None}, "key 'train_path' must be str"),
+        ({"data_format": "alpaca"}, "key 'data_format' must be one of coconut, gsm8k, got 'alpaca'"),
+        ({"data_columns": "question"}, "key 'data_columns': expected field=column, got 'question'"),
+        ({"data_columns": "question=a,question=b"}, "key 'data_columns': 'question' is given twice"),
+        ({"data_columns": "prompt=a"}, "key 'data_columns': 'prompt' is not one of question, answer, steps"),
     ],
 )
 def test_bad_values(change, message, tmp_path):

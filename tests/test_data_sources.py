@@ -86,6 +86,25 @@ def test_a_folder_of_data_files_without_a_split_holds_one(sources, tmp_path):
     assert list(get_dataset(str(folder), tokenizer)) == list(get_dataset(str(root / "d.json"), tokenizer))
 
 
+def test_a_read_only_source_folder_is_tokenised_in_memory(sources, monkeypatch):
+    """datasets writes a transform's result beside the source's files: in a
+    folder the user cannot write (a shared copy), nothing is written."""
+    import dataset
+
+    root, tokenizer = sources
+    expected = list(get_dataset(str(root / "d.json"), tokenizer))
+    shared = root / "shared"
+    datasets.Dataset.from_list(SAMPLES).save_to_disk(str(shared))
+    before = sorted(p.name for p in shared.iterdir())
+    monkeypatch.setattr(dataset.os, "access", lambda path, mode: not path.startswith(str(shared)))
+    samples = get_dataset(str(shared), tokenizer)
+    assert not samples.table.cache_files and list(samples) == expected
+    assert sorted(p.name for p in shared.iterdir()) == before
+    monkeypatch.undo()
+    assert get_dataset(str(shared), tokenizer).table.cache_files  # writable: cached beside the source
+    assert len(list(shared.iterdir())) > len(before)
+
+
 def test_gsm8k_format_takes_annotations_and_final_answer():
     from dataset import gsm8k_fields
 
