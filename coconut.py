@@ -243,9 +243,13 @@ class Coconut(nn.Module):
         return latent_plan(input_ids, self.latent_token_id)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids, attention_mask, labels=None, position_ids=None, plan=None, **kwargs):
+    def forward(self, input_ids, attention_mask, labels=None, position_ids=None, plan=None, min_passes=0, **kwargs):
         """`plan`, if given, is `self.plan(input_ids)` computed by the caller
-        on the CPU batch, which spares a device sync."""
+        on the CPU batch, which spares a device sync. `min_passes` (sharded
+        training) makes at least that many latent passes' worth of base-model
+        calls: every rank must make as many as the others, since each call
+        gathers the sharded weights; the calls this batch does not need run
+        on one token and add exactly zero to the loss."""
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
         plan = plan if plan is not None else self.plan(input_ids)
@@ -257,6 +261,10 @@ class Coconut(nn.Module):
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
             )
+        for _ in range(min_passes - plan.n_passes):
+            # a term of value zero: its backward, too, runs on every rank
+            idle = self._idle_call(input_ids[:, :1]).logits.sum() * 0.0
+            loss = idle if loss is None else loss + idle
         return Outputs(loss=loss, inputs_embeds=inputs_embeds, logits=logits)
 
     @staticmethod
@@ -406,17 +414,19 @@ class Coconut(nn.Module):
         attention_mask = attention_mask.to(input_ids.device)
         position_ids = positions_from_mask(attention_mask)
         plan = self.plan(input_ids)
+        synced = rank_max if synced_gpus and rank_max is not None else None
+        if synced:
+            # first make up the prompt calls other ranks make and this one
+            # does not (they hold more latents), so that every later
+            # agreement comes after the same number of model calls on all ranks
+            prompt_calls = plan.n_passes + 1
+            for _ in range(synced(prompt_calls) - prompt_calls):
+                self._idle_call(input_ids[:, :1])
         if self.fast and not synced_gpus:  # sharded models keep the eager calls that other ranks mirror
             logits, prompt_embeds, step = self._static_prompt(input_ids, attention_mask, position_ids, plan, max_new_tokens)
         else:
             logits, prompt_embeds, cache = self._continuous_forward(input_ids, attention_mask, position_ids, plan)
             step = _GrowingCacheSteps(self, attention_mask, cache)
-        synced = rank_max if synced_gpus and rank_max is not None else None
-        if synced:
-            # pad the latent passes up to the most any rank makes, so the
-            # per-token agreement below happens at the same call on all ranks
-            for _ in range(synced(self.gen_forward_cnt) - self.gen_forward_cnt):
-                self._idle_call(input_ids[:, :1])
 
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         last_column = (torch.arange(input_ids.shape[1], device=input_ids.device) * (attention_mask != 0)).argmax(dim=1)
@@ -486,7 +496,7 @@ class Coconut(nn.Module):
     def _idle_call(self, input_ids):
         """A model call whose result is unused: keeps collectives in step."""
         self.gen_forward_cnt += 1
-        self.base_causallm(inputs_embeds=self.embedding(input_ids))
+        return self.base_causallm(inputs_embeds=self.embedding(input_ids))
 
     def _assemble(self, input_ids, attention_mask, prompt_embeds, new_tokens, kept, output_embedding):
         results, embeds = [], []

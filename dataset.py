@@ -487,6 +487,10 @@ class StageSamples(torch.utils.data.Dataset):
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
+    def max_latents(self):
+        """The most latent tokens any sequence of the stage holds."""
+        return max((n_latent for _, _, n_latent in self.plans), default=0)
+
     def __getitem__(self, index):
         position, n_skip, n_latent = self.plans[index]
         return self._laid_out(self.base[position], n_skip, n_latent)

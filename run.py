@@ -391,14 +391,31 @@ def build_optimizer(parallel, configs):
     return torch.optim.AdamW(parallel.parameters(), lr=configs.lr, weight_decay=configs.weight_decay)
 
 
-def model_inputs(batch, device, coconut=None):
+def model_inputs(batch, device, coconut=None, min_passes=0):
     """A batch on the device (asynchronously from the loader's pinned memory)
     as the model's keywords; for a Coconut, with its latent plan computed on
-    the CPU batch, which spares a device sync."""
+    the CPU batch, which spares a device sync, and `min_passes` (see
+    passes_in_step)."""
     inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "idx"}
     if coconut is not None:
         inputs["plan"] = coconut.plan(batch["input_ids"])
+        if min_passes:
+            inputs["min_passes"] = min_passes
     return inputs
+
+
+def passes_in_step(parallel, dataset):
+    """Under FSDP every rank must call the base model equally often in a
+    forward (each call gathers the sharded weights), but a batch makes one
+    call per latent column of its widest row, which differs between ranks
+    when rows hold different latent counts (uniform_prob, or
+    pad_latent_to_max off). Every forward then makes as many calls as the
+    stage's widest sequence needs, a number each rank computes alike; 0
+    (no padding) when nothing is sharded or every sequence is alike."""
+    coconut = as_coconut(parallel)
+    if coconut is None or coconut.pause_as_thought or not is_sharded(parallel) or not hasattr(dataset, "max_latents"):
+        return 0
+    return dataset.max_latents()
 
 
 def as_coconut(parallel):
@@ -468,13 +485,14 @@ def train_epoch(parallel, optimizer, batches, configs, epoch, stage, device, log
                 unit="step", disable=not is_main_process(), dynamic_ncols=True)
     pending = PendingLosses(configs, epoch, total, stage, logger, pbar)
     coconut = as_coconut(parallel)
+    min_passes = passes_in_step(parallel, getattr(batches, "dataset", None))
     started = time.perf_counter()
     try:
         for step, batch in enumerate(batches, start=first):
             if step == 0:
                 logger.batch_table(batch, tokenizer, epoch * total)
             with precision(configs, device):
-                loss = parallel(**model_inputs(batch, device, coconut)).loss / accumulate
+                loss = parallel(**model_inputs(batch, device, coconut, min_passes)).loss / accumulate
             pending.add(step, loss)
             loss.backward()
             saving = False
@@ -506,10 +524,11 @@ def validation_loss(parallel, loader, world, device, configs):
     """Mean over batches of the loss averaged over ranks, read once at the end."""
     parallel.eval()
     coconut = as_coconut(parallel)
+    min_passes = passes_in_step(parallel, loader.dataset)
     losses = []
     for batch in tqdm(loader, desc="Validation loss", unit="batch", disable=not is_main_process(), dynamic_ncols=True):
         with precision(configs, device):
-            losses.append(parallel(**model_inputs(batch, device, coconut)).loss.detach().float())
+            losses.append(parallel(**model_inputs(batch, device, coconut, min_passes)).loss.detach().float())
     total = 0.0
     if losses:  # summed in the order and precision of a per-batch reading
         for loss in all_reduce_sum(torch.stack(losses)).tolist():

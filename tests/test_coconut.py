@@ -114,6 +114,28 @@ def test_no_latents_is_one_plain_pass(model_dirs, tmp_path):
     assert coconut.gen_forward_cnt == 1
 
 
+def test_min_passes_adds_calls_but_nothing_to_loss_or_gradients(model_dirs, tmp_path):
+    """Sharded training pads every forward to the stage's widest sequence:
+    the extra base-model calls leave the loss and every gradient exactly as
+    they were."""
+    tokenizer, model, ids = setup_model(model_dirs["gpt2"])
+    batch = mixed_batch(tokenizer, ids, tmp_path, stages=(0, 1))  # 2 latents: 3 calls
+    inputs = {k: v for k, v in batch.items() if k != "idx"}
+    coconut = Coconut(model, ids[1], ids[0], ids[2], tokenizer.eos_token_id)
+    results = {}
+    for min_passes in (0, 6):
+        coconut.zero_grad(set_to_none=True)
+        coconut.gen_forward_cnt = 0
+        out = coconut(**inputs, min_passes=min_passes)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in coconut.named_parameters() if p.grad is not None}
+        results[min_passes] = (out.loss.detach(), out.logits.detach(), grads, coconut.gen_forward_cnt)
+    (loss, logits, grads, calls), (padded_loss, padded_logits, padded_grads, padded_calls) = results[0], results[6]
+    assert calls == 3 and padded_calls == 7
+    assert torch.equal(padded_loss, loss) and torch.equal(padded_logits, logits)
+    assert grads.keys() == padded_grads.keys() and all(torch.equal(padded_grads[k], grads[k]) for k in grads)
+
+
 def test_unaligned_latents_are_refused(model_dirs):
     tokenizer, model, ids = setup_model(model_dirs["gpt2"])
     coconut = Coconut(model, ids[1], ids[0], ids[2], tokenizer.eos_token_id)

@@ -17,7 +17,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import load_tokenizer_and_model
+from conftest import load_tokenizer_and_model, make_samples
 from test_run import run_cli, write_config
 
 import run as cli
@@ -111,3 +111,22 @@ def test_accuracy_is_the_same_on_one_and_two_processes(no_dropout, tmp_path):
     assert accuracy == ["Accuracy on validation set: 3 / 5"]
     assert re.findall(r"Accuracy on validation set: \d+ / \d+", two.stdout) == accuracy
     assert "Total=3" in two.stdout and "Total=2" in two.stdout  # 3 + 2: none twice, none dropped
+
+
+def test_unequal_latent_counts_on_the_two_ranks(workspace, tmp_path):
+    """Rows with different latent counts on the two ranks, in training
+    (uniform_prob draws a stage per sample) and in evaluation
+    (pad_latent_to_max off; rank 0's samples have no steps, rank 1's one):
+    every rank still makes as many sharded model calls as the other, so the
+    run ends (it used to wait forever) and evaluates every sample once."""
+    root, model_dir = workspace
+    (tmp_path / "train.json").write_text(json.dumps(make_samples(16, seed=3)))
+    valid = [dict(s, steps=s["steps"][:1] if i % 2 else []) for i, s in enumerate(make_samples(6, seed=4, max_steps=3))]
+    (tmp_path / "valid.json").write_text(json.dumps(valid))
+    config = write_config(tmp_path, model_dir, "unequal", save_path=str(tmp_path / "runs"), train_path=str(tmp_path / "train.json"),
+                          val_path=str(tmp_path / "valid.json"), num_epochs=2, max_latent_stage=2, pad_latent_to_max=False,
+                          uniform_prob=0.5, batch_size_training=4)
+    two = run_cli([config, "batch_size_eval=3"], tmp_path, torchrun=True, timeout=300, WANDB_MODE="disabled")
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert len(eval_losses(two.stdout)) == 2
+    assert len(re.findall(r"Accuracy on validation set: \d+ / 6", two.stdout)) == 2

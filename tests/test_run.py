@@ -42,10 +42,10 @@ def cli_env(tmp_path, **extra):
     return env
 
 
-def run_cli(args, tmp_path, torchrun=False, **env):
+def run_cli(args, tmp_path, torchrun=False, timeout=600, **env):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
     return subprocess.run(launcher + [os.path.join(REPO, "run.py")] + args, capture_output=True, text=True,
-                          env=cli_env(tmp_path, **env), cwd=tmp_path, timeout=600)
+                          env=cli_env(tmp_path, **env), cwd=tmp_path, timeout=timeout)
 
 
 def checkpoints(root, name):
