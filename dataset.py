@@ -284,7 +284,7 @@ def quiet_datasets(progress=None):
     """datasets' progress bars on the main process only, and its log lines
     kept to real errors (a failed read is reported as one line by us)."""
     progress = is_main_process() if progress is None else progress
-    bars_were_off = datasets.is_progress_bar_enabled() is False
+    bars_were_on = datasets.is_progress_bar_enabled()
     verbosity = datasets.logging.get_verbosity()
     if not progress:
         datasets.disable_progress_bars()
@@ -293,7 +293,7 @@ def quiet_datasets(progress=None):
         yield
     finally:
         datasets.logging.set_verbosity(verbosity)
-        if not progress and not bars_were_off:
+        if not progress and bars_were_on:
             datasets.enable_progress_bars()
 
 
@@ -308,7 +308,7 @@ def get_dataset(path, tokenizer, max_size=1000000000, columns="", data_format="c
     if max_size < len(raw):
         raw = raw.select(range(max_size))
     with quiet_datasets():
-        tokens = tokenize(raw, tokenizer, f"Tokenizing {display_name(path)}")
+        tokens = tokenise(raw, tokenizer, f"Tokenizing {display_name(path)}")
     samples = TokenizedSamples(tokens)
     check_token_boundaries(path, raw[0], samples[0], tokenizer)
     return samples
@@ -322,7 +322,7 @@ TOKEN_FEATURES = datasets.Features({
 })
 
 
-def tokenize(raw, tokenizer, desc):
+def tokenise(raw, tokenizer, desc):
     """Dataset.map over the samples, written to datasets' cache beside the
     source's own files. A tokenizer that cannot be fingerprinted (no
     serialisable backend), a source held in memory, or one in a folder this
