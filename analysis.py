@@ -17,7 +17,7 @@ latent_projection.safetensors if the run had one. `Coconut.from_pretrained`
 run's config.yaml beside the checkpoint; the model_id it names must load.
 
 `sweep` evaluates the checkpoint on the validation set with 0..K thoughts
-(the evaluation prompt of stage n, SPEC section 3, through run.evaluate) and
+(the evaluation prompt of stage n, docs/behaviour.md section 3, through evaluation.evaluate) and
 writes sweep.md, sweep.json and sweep.png. `inspect` runs chosen samples at
 the final stage, reads back every continuous thought (the vector fed into a
 `<|latent|>` position: the last hidden state before it, or a feedback
@@ -45,12 +45,13 @@ from contextlib import redirect_stdout
 
 import torch
 
+import build
 import checkpoints
+import evaluation
 import metrics
-import run
 from coconut import EXPORT_FILE, FEEDBACK_OPTIONS, PROJECTION_FILE
-from dataset import MyCollator, get_dataset, get_question_latent_dataset, load_samples
-from utils import Config, UserError, load_config
+from dataset import MyCollator, data_options, get_dataset, get_question_latent_dataset, load_samples, stage_for_epoch
+from utils import Config, UserError, load_config, run_folder
 
 COMMANDS = ("sweep", "inspect", "export")
 USAGE = "analysis.py {sweep,inspect} CONFIG.yaml [key=value ...] [options], or analysis.py export RUN_OR_CHECKPOINT --out DIR"
@@ -119,13 +120,13 @@ def resolve_checkpoint(configs, given):
         if not os.path.isfile(given):
             raise UserError(f"--checkpoint '{given}': no such checkpoint file")
         return given
-    names = [] if configs.only_eval else checkpoints.complete_checkpoints(run.run_folder(configs))
+    names = [] if configs.only_eval else checkpoints.complete_checkpoints(run_folder(configs))
     if names:
-        return os.path.join(run.run_folder(configs), names[-1])
+        return os.path.join(run_folder(configs), names[-1])
     if configs.load_model_path != "None":
         return configs.load_model_path
     raise UserError(
-        f"load_model_path: no checkpoint to analyse (it is None and {run.run_folder(configs)} holds none); pass --checkpoint PATH"
+        f"load_model_path: no checkpoint to analyse (it is None and {run_folder(configs)} holds none); pass --checkpoint PATH"
     )
 
 
@@ -151,19 +152,19 @@ def load_setup(args):
     configs.only_eval = True
     if args.data is not None:
         configs.val_path = args.data  # also picks run.py's token budget (64 for gsm)
-    raw = load_samples(configs.val_path, **run.data_options(configs))
+    raw = load_samples(configs.val_path, **data_options(configs))
     if configs.debug and len(raw) > 32:
         raw = raw.select(range(32))  # run.py's debug subset
     return configs, raw
 
 
-def build(configs):
+def model_for_analysis(configs):
     """Model (eval mode, on the device), tokenizer and latent token ids, as
     run.py builds them; its "Loaded ..." line goes to stderr, keeping stdout
     for the results."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     with redirect_stdout(sys.stderr):
-        model, tokenizer, ids = run.build_model(configs)
+        model, tokenizer, ids = build.build_model(configs)
     model.to(device).eval()
     return model, tokenizer, ids, device
 
@@ -186,15 +187,15 @@ def prompts(configs, base_valid, n_thoughts, ids):
 # --------------------------------------------------------------------- sweep
 def evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n_thoughts, device):
     """Accuracy, CoT match and per-sample outputs with n thoughts, from
-    run.evaluate (its printed examples are kept off stdout)."""
+    evaluation.evaluate (its printed examples are kept off stdout)."""
     dataset = prompts(configs, base_valid, n_thoughts, ids)
     collator = MyCollator(tokenizer, latent_id=ids["<|latent|>"], label_pad_token_id=-100)
     records = []
-    with redirect_stdout(io.StringIO()), run.precision(configs, device):
-        accuracy, cot_match = run.evaluate(model, dataset, raw, collator, tokenizer, configs, 0, 1, device, run.max_new_tokens(configs), records)
+    with redirect_stdout(io.StringIO()), build.precision(configs, device):
+        accuracy, cot_match = evaluation.evaluate(model, dataset, raw, collator, tokenizer, configs, 0, 1, device, evaluation.max_new_tokens(configs), records)
     outputs = []
     for idx, text, n_new in records:
-        prediction = run.extract_answer(text)
+        prediction = evaluation.extract_answer(text)
         correct = prediction == raw[idx]["answer"].replace(",", "").strip()
         outputs.append({"idx": idx, "prediction": prediction, "correct": correct, "generated_tokens": n_new})
     latent_tokens = [s["input_ids"].count(ids["<|latent|>"]) for s in dataset]
@@ -210,9 +211,9 @@ def evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n_thoughts, 
 
 def sweep_command(args, configs, raw):
     top = configs.max_latent_stage if args.max_thoughts is None else args.max_thoughts
-    model, tokenizer, ids, device = build(configs)
+    model, tokenizer, ids, device = model_for_analysis(configs)
     configs.batch_size_eval = args.batch_size
-    base_valid = get_dataset(configs.val_path, tokenizer, max_size=len(raw), **run.data_options(configs))
+    base_valid = get_dataset(configs.val_path, tokenizer, max_size=len(raw), **data_options(configs))
     rows = []
     for n in range(top + 1):
         rows.append(evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n, device))
@@ -410,11 +411,11 @@ def inspect_sample(model, tokenizer, configs, base_valid, raw, index, graph, n_t
     collator = MyCollator(tokenizer, latent_id=ids["<|latent|>"])
     batch = collator([prompts(configs, [base_valid[index]], n_thoughts, ids)[0]])
     batch = {k: v.to(device) for k, v in batch.items() if k != "idx"}
-    with torch.no_grad(), run.precision(configs, device):
+    with torch.no_grad(), build.precision(configs, device):
         thoughts, logits_before = capture_thoughts(model, batch, ids["<|latent|>"])
         norm, _ = head_reading(model)
         probs = head_probabilities(model, thoughts, norm)
-        output = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=run.max_new_tokens(configs))
+        output = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=evaluation.max_new_tokens(configs))
     if len(thoughts) and norm is None and reference_feedback(model) and not torch.allclose(probs, torch.softmax(logits_before.float(), dim=-1), atol=1e-3):
         print(f"warning: sample {index}: LM head on the thoughts differs from the model's logits before them; "
               "this architecture may feed pre-norm hidden states", file=sys.stderr)
@@ -443,8 +444,8 @@ def inspect_command(args, configs, raw):
     n_thoughts = configs.max_latent_stage if args.thoughts is None else args.thoughts
     indices = parse_sample_indices(args.samples, len(raw), configs.val_path)
     graphs = [graph_of(raw[i], i, configs.val_path) for i in indices]  # checked before the model is built
-    model, tokenizer, ids, device = build(configs)
-    base_valid = get_dataset(configs.val_path, tokenizer, max_size=len(raw), **run.data_options(configs))
+    model, tokenizer, ids, device = model_for_analysis(configs)
+    base_valid = get_dataset(configs.val_path, tokenizer, max_size=len(raw), **data_options(configs))
     table = model.base_causallm.get_input_embeddings().weight
     summary = {
         "config": args.config_file, "checkpoint": configs.load_model_path, "data": configs.val_path,
@@ -571,7 +572,7 @@ def checkpoint_stage(configs, checkpoint):
     if place is None:
         return None
     epochs, batches = place
-    return run.stage_for_epoch(configs, epochs - 1 if batches == 0 else epochs)
+    return stage_for_epoch(configs, epochs - 1 if batches == 0 else epochs)
 
 
 def export_command(args):
@@ -580,7 +581,7 @@ def export_command(args):
         raise UserError(f"--out '{out}': exists and is not an empty folder")
     configs = export_setup(args.target)
     with redirect_stdout(sys.stderr):
-        model, tokenizer, ids = run.build_model(configs)
+        model, tokenizer, ids = build.build_model(configs)
     meta = {
         "latent_token_id": ids["<|latent|>"], "start_latent_id": ids["<|start-latent|>"], "end_latent_id": ids["<|end-latent|>"],
         "eos_token_id": tokenizer.eos_token_id, "method": next((m for m in ("coconut", "cot", "no_thoughts", "no_cot") if configs[m]), "none"),
@@ -592,7 +593,7 @@ def export_command(args):
     temporary = f"{out.rstrip(os.sep)}.{os.getpid()}.tmp"
     os.makedirs(temporary)
     try:
-        run.plain_model(model).save_pretrained(temporary)
+        build.plain_model(model).save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
         if getattr(model, "latent_projection", None) is not None:
             from safetensors.torch import save_file
@@ -634,7 +635,7 @@ def main(argv=None):
             return 0
         configs, raw = load_setup(args)
         outputs = (sweep_command if args.command == "sweep" else inspect_command)(args, configs, raw)
-        for path in write_outputs(outputs, args.out or run.run_folder(configs)):
+        for path in write_outputs(outputs, args.out or run_folder(configs)):
             print(f"wrote {path}", file=sys.stderr)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -1,5 +1,7 @@
-"""The checkpoint files of a run folder: their names and order, atomic writes,
-the training state kept beside the weights, and retention.
+"""All checkpoint I/O: the checkpoint files of a run folder (names and
+order, atomic writes, retention), the training state kept beside the
+weights, and for a run, where it resumes, what it saves, and what a resume
+restores.
 
 `checkpoint_<N>` holds the weights after epoch N (counted from 1) in the
 reference state-dict format, so old and new code load each other's.
@@ -15,6 +17,7 @@ array (the RNG state) that only a full unpickling reads; `read_state` opens
 them only when asked to (`legacy_state_files`).
 """
 
+import gc
 import os
 import pickle
 import random
@@ -23,8 +26,11 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from utils import is_main_process
+import build
+from distributed import barrier, full_state_dict
+from utils import UserError, is_main_process, print0, run_folder
 
 PATTERNS = (re.compile(r"checkpoint_(\d+)"), re.compile(r"partial_(\d+)_(\d+)"))
 
@@ -165,3 +171,96 @@ def load_optimizer_state(module, optimizer, saved):
         "state": {index[name]: value for name, value in saved["state"].items()},
         "param_groups": [dict(group, params=[index[n] for n in group["params"]]) for group in saved["param_groups"]],
     })
+
+
+# ------------------------------------------------------- a run's checkpoints
+def find_resume_checkpoint(configs):
+    """Step 1: a folder with checkpoints means a preempted run: resume from the
+    newest complete one (ignoring the given `resume`). Returns the number of
+    batches of epoch `resume` already done (mid-epoch checkpoints)."""
+    if configs.only_eval:
+        return 0
+    names = complete_checkpoints(run_folder(configs))
+    if not names:
+        return 0
+    configs.resume, batches_done = position(names[-1])
+    configs.load_model_path = os.path.join(run_folder(configs), names[-1])
+    where = f"epoch {configs.resume}" + (f", batch {batches_done}" if batches_done else "")
+    print0(f"Found a previous run in {run_folder(configs)}: resuming from {names[-1]} ({where}; the configured `resume` is ignored)")
+    if configs.resume >= configs.num_epochs:
+        print0(f"All {configs.num_epochs} epochs are done already; raise num_epochs to train further")
+    return batches_done
+
+
+def gather_rng_states():
+    """Every rank's RNG state, in rank order (a collective when distributed)."""
+    state = rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(parallel, optimizer, configs, progress, epoch, batches_done=0):
+    """Weights in the reference format, and beside them what continuing
+    needs. Collective: call it on every rank."""
+    weights = full_state_dict(parallel)
+    optim = optimizer_state(parallel, optimizer) if optimizer is not None else None
+    rng = gather_rng_states()
+    name = name_for(epoch, batches_done)
+    if is_main_process():
+        state = dict(progress, epoch=epoch + (batches_done == 0), batches_done=batches_done,
+                     optimizer=optim, rng=rng, config=dict(configs))
+        write(run_folder(configs), name, weights, state)
+        prune(run_folder(configs), configs.keep_last, keep={progress.get("best_name")})
+        print(f"saving model to {os.path.join(run_folder(configs), name)}", flush=True)
+    barrier()
+    del weights, optim
+    gc.collect()
+    return name
+
+
+def in_run_folder(path, configs):
+    return os.path.dirname(os.path.abspath(path)) == os.path.abspath(run_folder(configs))
+
+
+def restore_progress(configs, parallel, optimizer, rank):
+    """The training state saved beside the weights being resumed: best
+    accuracy, wandb run id, RNG, and the optimizer (unless a fresh one is due
+    anyway). A weights-only (reference) checkpoint restores nothing, and so
+    does one from another run's folder: a warm start (a CoT checkpoint
+    starting a Coconut run) takes its weights only, as the reference does,
+    and is a run of its own."""
+    progress = {"best_acc": 0.0, "best_name": None, "wandb_id": None}
+    if configs.load_model_path == "None" or configs.only_eval or not in_run_folder(configs.load_model_path, configs):
+        return progress, optimizer
+    try:
+        state = read_state(configs.load_model_path, allow_pickle=configs.legacy_state_files)
+    except UnsafeStateFile:
+        raise UserError(
+            f"{configs.load_model_path}.state: holds objects that safe loading refuses (a file from before 2026-12-05, "
+            "or not from coconut); set legacy_state_files: True to read it, only if you trust its source"
+        ) from None
+    except Exception as e:  # a corrupt side file must not be half-used
+        raise UserError(f"{configs.load_model_path}.state: not a readable training state ({type(e).__name__})") from None
+    if state is None:
+        return progress, optimizer
+    progress.update({k: state[k] for k in progress if k in state})
+    rngs = state["rng"]
+    restore_rng(rngs[rank] if rank < len(rngs) else rngs[0])
+    if state["optimizer"] is not None and (state["batches_done"] or not configs.reset_optimizer):
+        optimizer = optimizer or build.build_optimizer(parallel, configs)
+        load_optimizer_state(parallel, optimizer, state["optimizer"])
+    return progress, optimizer
+
+
+def save_resolved_config(configs):
+    """The config as run (defaults and overrides applied), beside the """
+    if is_main_process() and not configs.debug and not configs.only_eval:
+        import yaml
+
+        os.makedirs(run_folder(configs), exist_ok=True)
+        with open(os.path.join(run_folder(configs), "config.yaml"), "w") as f:
+            yaml.safe_dump(dict(configs), f, sort_keys=False)
+

@@ -3,8 +3,8 @@ embedding, the last hidden state of the position before them (continuous
 thoughts), trained and decoded with a shared KV cache.
 
 This module owns the model wrapper only (and reading its own export,
-Coconut.from_pretrained): no torch.distributed, no training loop. See SPEC
-sections 5 and 6.
+Coconut.from_pretrained): no torch.distributed, no training loop. See
+docs/behaviour.md sections 5 and 6.
 """
 
 import inspect
@@ -13,6 +13,8 @@ from collections import OrderedDict, namedtuple
 import torch
 import torch.nn as nn
 from transformers import DynamicCache, StaticCache
+
+from utils import LATENT_NORMS
 
 Outputs = namedtuple("Outputs", ["loss", "inputs_embeds", "logits"])
 
@@ -23,10 +25,6 @@ LatentPlan = namedtuple("LatentPlan", ["columns", "first", "n_passes"])
 # Upper bound on latent passes, used to give every rank the same number of
 # model calls during synced generation (the reference's padding rule).
 MAX_N_LATENT = 8
-
-# what `latent_norm` may be: nothing, RMS rescaling to the embedding scale, a
-# parameter-free layer norm
-LATENT_NORMS = ("none", "rms", "layernorm")
 
 # an exported Coconut (analysis.py export, Coconut.from_pretrained): the
 # options beside the base model, and the projection's weights if any
@@ -106,11 +104,11 @@ def positions_from_mask(attention_mask):
 
 class Coconut(nn.Module):
     """The wrapper. The keywords after `eos_token_id` are extensions; their
-    defaults give the reference method (SPEC section 5):
+    defaults give the reference method (docs/behaviour.md section 5):
 
     - `pause_as_thought`: latent positions keep their own (`<|latent|>`)
       embedding, nothing is fed back, and the forward pass is one ordinary
-      pass (the "pause as thought" ablation, SPEC section 9).
+      pass (the "pause as thought" ablation, docs/behaviour.md section 9).
     - `latent_layer`: index into the model's `hidden_states` (embeddings
       output, then one per block) of the vector fed back; -1, the last
       layer after the final norm, is the reference.

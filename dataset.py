@@ -1,7 +1,7 @@
 """Data: reading a data source through HF `datasets` (a JSON file, a local
 Arrow/Parquet folder or a hub dataset), tokenising it, the per-stage
-sequence layouts of the curriculum, and the batch collator (SPEC sections 2
-to 4).
+sequence layouts of the curriculum and the curriculum's stage rule, and the
+batch collator (docs/behaviour.md sections 2 to 4).
 
 Never imports the model. A sample is a plain dict of Python int lists; the
 tokenised samples stay in datasets' memory-mapped Arrow cache and are read a
@@ -356,7 +356,7 @@ def tokenizer_key(tokenizer):
 
 
 def tokenise_batch(batch, indices, tokenizer):
-    """One batch of samples' token ids (SPEC section 2)."""
+    """One batch of samples' token ids (docs/behaviour.md section 2)."""
     questions = encode_all(tokenizer, [q + "\n" for q in batch["question"]], special=True)
     answers = encode_all(tokenizer, ["### " + a for a in batch["answer"]], special=False)
     flat_steps = encode_all(tokenizer, [s + "\n" for steps in batch["steps"] for s in steps], special=False)
@@ -382,7 +382,7 @@ def encode_all(tokenizer, texts, special):
 def check_token_boundaries(path, raw, sample, tokenizer):
     """The pieces must tokenise like the whole text, or removing steps would
     change the tokens around them."""
-    # the SPEC's question + "\n" + "\n".join(steps) + "\n### " + answer, written
+    # docs/behaviour.md's question + "\n" + "\n".join(steps) + "\n### " + answer, written
     # so that a sample with no steps does not gain a stray "\n"
     whole = raw["question"] + "\n" + "".join(s + "\n" for s in raw["steps"]) + "### " + raw["answer"]
     expected = tokenizer.encode(whole) + [tokenizer.eos_token_id]
@@ -441,7 +441,7 @@ def get_cot_latent_dataset(
     shuffle=False,
     seed=None,
 ):
-    """Training / validation-loss sequences at a stage (SPEC section 3).
+    """Training / validation-loss sequences at a stage (docs/behaviour.md section 3).
 
     Building a stage only decides, per sample, how many steps are removed and
     how many latent tokens replace them; the sequences are laid out when the
@@ -512,7 +512,7 @@ class StageSamples(torch.utils.data.Dataset):
 
 
 class MyCollator:
-    """Pads a list of samples into a batch (SPEC section 4): rows that hold a
+    """Pads a list of samples into a batch (docs/behaviour.md section 4): rows that hold a
     latent token are first left-padded so their first latents share a column,
     then every field is right-padded to the longest row."""
 
@@ -545,3 +545,20 @@ class MyCollator:
             batch[key] = torch.tensor(rows, dtype=torch.long)  # one conversion per field
         batch["idx"] = torch.tensor([f["idx"] for f in features], dtype=torch.long)
         return batch
+
+
+# ------------------------------------------------------------- the run's use
+def data_options(configs):
+    return dict(columns=configs.data_columns, data_format=configs.data_format)
+
+
+def stage_for_epoch(configs, epoch):
+    """The curriculum stage of 0-based `epoch`, for training and evaluation.
+    `no_curriculum`: the final stage, max_latent_stage + 1 (all steps
+    replaced by max_latent_stage thought slots), from the first epoch."""
+    if configs.cot or configs.no_cot:
+        return 0
+    if configs.no_curriculum:
+        return configs.max_latent_stage + 1
+    return epoch // configs.epochs_per_stage
+

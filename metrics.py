@@ -1,5 +1,6 @@
-"""The run's local metrics log: `metrics.jsonl` in the run folder, one JSON
-object a line, written by the main process beside (not instead of) wandb.
+"""Where a run's metrics go: wandb (Logger) and the local metrics log,
+`metrics.jsonl` in the run folder, one JSON object a line, written by the
+main process beside (not instead of) wandb; and the plots drawn from it.
 
 Every line holds the keys logged to wandb at that moment (`train/loss`,
 `eval/acc`, ...) plus `stage`, `epoch` (from 1), `step` (training batches
@@ -12,10 +13,13 @@ one uninterrupted history. Evaluation-only runs append to
 `eval_metrics.jsonl` instead, never touching the training history.
 """
 
+import copy
 import json
 import os
 import sys
 import time
+
+from utils import is_main_process, print0, run_folder
 
 TRAIN_FILE = "metrics.jsonl"
 EVAL_ONLY_FILE = "eval_metrics.jsonl"
@@ -191,6 +195,104 @@ def plot(folder, out=None):
         written.append(os.path.join(out, "stage_accuracy.png"))
         plot_stage_accuracy(rows, written[1], title)
     return written
+
+
+# ------------------------------------------------------- the run's Logger
+def init_wandb(configs, run_id=None):
+    """Online with a login; otherwise offline, saying so in one line. A
+    resumed run continues the wandb run `run_id`."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not has_wandb_login():
+        mode = "offline"
+        print0("wandb: no login found, logging offline (run `wandb login` or set WANDB_API_KEY to log online)")
+    try:
+        run = wandb.init(
+            project=configs.project, name=configs.name, mode=mode, config=dict(configs), id=run_id, resume="allow" if run_id else None,
+            settings=wandb.Settings(init_timeout=60, silent=True),
+        )
+    except Exception as e:  # no network, bad key: the training must go on
+        print0(f"wandb: could not start ({type(e).__name__}); logging offline")
+        run = wandb.init(project=configs.project, name=configs.name, mode="offline", config=dict(configs), id=run_id)
+    return run
+
+
+def has_wandb_login():
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def log_batch_table(run, table, batch, tokenizer, step):
+    """One table row per epoch: every position's id, label and token."""
+    lines = []
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        lines += [f"{i} {l} {tokenizer.decode([i])}" for i, l in zip(ids, labels)]
+        lines.append("=" * 40)
+    table.add_data(step, "\n".join(lines) + "\n")
+    run.log({"data_table": copy.copy(table)})
+
+
+class Logger:
+    """Where metrics go: wandb (main process, not in debug or only_eval runs)
+    and the run's metrics file (main process). Other ranks get one that drops
+    everything."""
+
+    def __init__(self, wandb_run=None, metrics_log=None):
+        self.wandb_run, self.metrics_log = wandb_run, metrics_log
+        self.table = None
+        if wandb_run is not None:
+            import wandb
+
+            self.table = wandb.Table(columns=["step", "text"])
+
+    def log(self, values, stage, epoch, step, when=None, **extra):
+        if self.wandb_run is not None:
+            self.wandb_run.log(values)
+        if self.metrics_log is not None:
+            self.metrics_log.log(values, stage, epoch, step, when=when, **extra)
+
+    def batch_table(self, batch, tokenizer, step):
+        if self.wandb_run is not None:
+            log_batch_table(self.wandb_run, self.table, batch, tokenizer, step)
+
+    def close(self):
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if self.metrics_log is not None:
+            self.metrics_log.close()
+
+
+def open_logger(configs, progress, first_batch):
+    """The main process's Logger; a resumed run continues its wandb run and
+    its metrics file from the point it resumes at."""
+    if not is_main_process():
+        return Logger()
+    wandb_run = None
+    if not configs.debug and not configs.only_eval:
+        wandb_run = init_wandb(configs, progress["wandb_id"])
+        progress["wandb_id"] = wandb_run.id
+    start = (configs.resume, first_batch)
+    return Logger(wandb_run, MetricsLog(run_folder(configs), start, only_eval=configs.only_eval))
+
+
+def print_stage_summary(logger):
+    """Validation accuracy at the last epoch of every stage, from the run's
+    whole metrics history (earlier sessions of a resumed run included)."""
+    if logger.metrics_log is None:
+        return
+    rows = accuracy_by_stage(read(logger.metrics_log.path))
+    if rows:
+        print("Accuracy by stage (last epoch of each):", flush=True)
+        for stage, epoch, acc in rows:
+            print(f"  stage {stage} (epoch {epoch}): {acc:.4f}", flush=True)
+
 
 
 def main(argv=None):

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 import yaml
 
-from coconut import LATENT_NORMS
-
 FAST_PATHS = ("auto", "compiled", "static", "eager")
 DATA_FORMATS = ("coconut", "gsm8k")
+# what `latent_norm` (config key and Coconut keyword) may be: nothing, RMS
+# rescaling to the embedding scale, a parameter-free layer norm
+LATENT_NORMS = ("none", "rms", "layernorm")
 SAMPLE_FIELDS = ("question", "answer", "steps")
 
 
@@ -82,7 +83,7 @@ CONFIG_KEYS = {
     "tf32": (bool, False, "TF32 matmuls on a GPU (float32 weights, faster, less exact); the reference is full float32"),
     # file safety
     "legacy_state_files": (bool, False, "resume from .state files written before 2026-12-05 (read by full unpickling: trusted files only)"),
-    # ablations (SPEC section 9); the pause-token baseline is pause_as_thought + no_curriculum
+    # ablations (docs/behaviour.md section 9); the pause-token baseline is pause_as_thought + no_curriculum
     "no_curriculum": (bool, False, "Coconut trained and evaluated at the final stage (all steps replaced) from epoch 0"),
     "pause_as_thought": (bool, False, "Coconut layout and curriculum, but latent positions keep their own embedding"),
     # latent feedback variants (Coconut only); applied in this order: layer, norm, projection
@@ -238,6 +239,10 @@ def set_seed(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+def run_folder(configs):
+    return os.path.join(configs.save_path, configs.name)
 
 
 def is_main_process():

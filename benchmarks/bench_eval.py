@@ -1,7 +1,7 @@
 """Benchmark 2: evaluation throughput (examples/s) of Coconut.generate at
 batch 1, 8, 32, 64 and 128, on the eager path and on the fast path (a static
 KV cache and one compiled one-column step, CUDA graphs on a GPU), against the
-naive batch-1 path of SPEC section 6 (the official code's: the prompt's
+naive batch-1 path of docs/behaviour.md section 6 (the official code's: the prompt's
 latent passes, then the whole prefix recomputed for every new token, no KV
 cache). Every example decodes the same number of tokens. A last row runs the
 fast path under bf16 autocast (`mixed_precision`).
@@ -28,7 +28,7 @@ class PadTokenizer:
 
 @torch.no_grad()
 def naive_generate(coconut, input_ids, max_new_tokens):
-    """SPEC section 6 done naively, batch 1: no cache while decoding."""
+    """docs/behaviour.md section 6 done naively, batch 1: no cache while decoding."""
     n = input_ids.shape[1]
     out = coconut(input_ids, torch.ones_like(input_ids), None, torch.arange(n, device=input_ids.device)[None])
     embeds, token = out.inputs_embeds, out.logits[0, -1].argmax()

@@ -1,4 +1,4 @@
-"""The ablations of SPEC section 9: `pause_as_thought` (latent positions
+"""The ablations of docs/behaviour.md section 9: `pause_as_thought` (latent positions
 keep their own embedding, one plain pass), `no_curriculum` (the final stage
 from the first epoch, in training and evaluation), their combination (the
 pause-token baseline), the contradictions check_config refuses, and the
@@ -16,8 +16,11 @@ import yaml
 from test_coconut import mixed_batch, setup_model
 from test_run import checkpoints, config_for, run_cli, write_config
 
+import build
+import evaluation
 import run as cli
 from coconut import Coconut
+from dataset import stage_for_epoch
 from utils import Config, UserError, load_config
 
 ARGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "args")
@@ -69,9 +72,9 @@ def test_pause_as_thought_generation_is_plain_greedy(model_dirs, data_dir):
 # --------------------------------------------------------------- no curriculum
 def test_stage_for_epoch():
     base = Config(cot=False, no_cot=False, no_curriculum=False, max_latent_stage=3, epochs_per_stage=2)
-    assert [cli.stage_for_epoch(base, e) for e in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert [cli.stage_for_epoch(Config(base, no_curriculum=True), e) for e in range(8)] == [4] * 8
-    assert [cli.stage_for_epoch(Config(base, cot=True), e) for e in range(3)] == [0] * 3
+    assert [stage_for_epoch(base, e) for e in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [stage_for_epoch(Config(base, no_curriculum=True), e) for e in range(8)] == [4] * 8
+    assert [stage_for_epoch(Config(base, cot=True), e) for e in range(3)] == [0] * 3
 
 
 class StageSpy:
@@ -89,7 +92,7 @@ class StageSpy:
             return dataset
 
         monkeypatch.setattr(cli, "get_cot_latent_dataset", cot_latent)
-        monkeypatch.setattr(cli, "evaluate", lambda model, gen_set, *a, **k: self.prompts.append(gen_set) or (0.0, 0.0))
+        monkeypatch.setattr(evaluation, "evaluate", lambda model, gen_set, *a, **k: self.prompts.append(gen_set) or (0.0, 0.0))
 
 
 @pytest.mark.parametrize("no_curriculum", [False, True])
@@ -98,7 +101,7 @@ def test_no_curriculum_trains_and_evaluates_the_final_stage(no_curriculum, works
     configs = config_for(workspace, tmp_path, "nocur", debug=True, num_epochs=3, max_latent_stage=2, c_thought=2,
                          no_curriculum=no_curriculum)
     cli.run(configs, 0, 1, torch.device("cpu"))
-    _, tokenizer, ids = cli.build_model(configs)
+    _, tokenizer, ids = build.build_model(configs)
     latent = ids["<|latent|>"]
     stages = [stage for stage, _ in spy.train]
     assert stages == ([3, 3, 3] if no_curriculum else [0, 1, 2])
@@ -152,7 +155,7 @@ def test_refusal_on_the_command_line(workspace, tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------- args/
-ROWS = {  # method row of SPEC section 9 -> the keys its file sets, besides the copied values
+ROWS = {  # method row of docs/behaviour.md section 9 -> the keys its file sets, besides the copied values
     "nocot": dict(no_cot=True),
     "cot": dict(cot=True),
     "pause_token": dict(coconut=True, pause_as_thought=True, no_curriculum=True),

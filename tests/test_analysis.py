@@ -23,6 +23,7 @@ from test_run import write_config
 
 import analysis
 import metrics
+import build
 import run
 from coconut import Coconut
 from utils import CONFIG_KEYS, load_config
@@ -63,7 +64,7 @@ def graph_setup(tmp_path_factory):
         root, str(root / "model"), "graph", train_path=str(root / "graph_train.json"),
         val_path=str(root / "graph_valid.json"), max_latent_stage=2,
     )
-    model, _, _ = run.build_model(load_config(config))
+    model, _, _ = build.build_model(load_config(config))
     torch.save(model.state_dict(), root / "checkpoint")
     return root, config, str(root / "checkpoint")
 
@@ -138,8 +139,8 @@ def test_sweep_counts_generated_tokens(graph_setup, tmp_path):
     rows = read_json(out / "sweep.json")["rows"]
     assert [r["thoughts"] for r in rows] == [0, 1, 2, 3]  # beyond max_latent_stage: the cap is raised
     assert rows[3]["mean_latent_tokens"] == 3
-    # one sample decoded alone, outside run.evaluate
-    model, tokenizer, ids = run.build_model(load_config(config, [f"load_model_path={checkpoint}"]))
+    # one sample decoded alone, outside evaluation.evaluate
+    model, tokenizer, ids = build.build_model(load_config(config, [f"load_model_path={checkpoint}"]))
     model.eval()
     question = read_json(root / "graph_valid.json")[0]["question"]
     prompt = tokenizer.encode(question + "\n") + [ids["<|start-latent|>"], ids["<|latent|>"], ids["<|end-latent|>"]]
@@ -169,7 +170,7 @@ def test_inspect_matches_a_naive_recomputation(graph_setup, tmp_path):
     report = read_json(out / "inspect.json")
     assert (out / "inspect.txt").read_text().startswith("Latent inspection: ")
     assert is_png(out / "inspect.png")
-    model, tokenizer, ids = run.build_model(load_config(config, [f"load_model_path={checkpoint}"]))
+    model, tokenizer, ids = build.build_model(load_config(config, [f"load_model_path={checkpoint}"]))
     base = model.base_causallm.eval()
     table = base.get_input_embeddings().weight
     mean_norm = table.norm(dim=-1).mean()
@@ -230,10 +231,10 @@ def coconut_with_prompt(model_dir, n_latent=3, **variant):
     """(Coconut model, question ids, start id, a one-row batch of the question
     and n_latent thoughts) for a tiny model of the conftest fixtures."""
     tokenizer, base = load_tokenizer_and_model(model_dir)
-    for token in run.LATENT_TOKENS:
+    for token in build.LATENT_TOKENS:
         tokenizer.add_tokens(token)
-    run.init_latent_embeddings(base, tokenizer)
-    start, end, latent = (tokenizer.convert_tokens_to_ids(t) for t in run.LATENT_TOKENS)
+    build.init_latent_embeddings(base, tokenizer)
+    start, end, latent = (tokenizer.convert_tokens_to_ids(t) for t in build.LATENT_TOKENS)
     model = Coconut(base, latent, start, end, tokenizer.eos_token_id, **variant).eval()
     question = tokenizer.encode("Tom has 3 apples and gets 4 more?\n")
     prompt = torch.tensor([question + [start] + [latent] * n_latent + [end]])

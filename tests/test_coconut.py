@@ -1,4 +1,4 @@
-"""The continuous-thought forward pass and generation (SPEC sections 5, 6),
+"""The continuous-thought forward pass and generation (docs/behaviour.md sections 5, 6),
 pinned against naive references written here: latents filled one at a time
 with a full recomputation each time, and greedy decoding without a cache.
 

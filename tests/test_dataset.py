@@ -1,4 +1,4 @@
-"""Tokenisation, stage layouts and the collator (SPEC sections 2 to 4).
+"""Tokenisation, stage layouts and the collator (docs/behaviour.md sections 2 to 4).
 
 python -m pytest -q tests/test_dataset.py
 """

@@ -20,7 +20,8 @@ import torch
 from conftest import load_tokenizer_and_model, make_samples
 from test_run import run_cli, write_config
 
-import run as cli
+import build
+import evaluation
 from dataset import MyCollator, get_dataset, get_question_latent_dataset
 from utils import load_config
 
@@ -86,7 +87,7 @@ def test_accuracy_is_the_same_on_one_and_two_processes(no_dropout, tmp_path):
     config = write_config(tmp_path, model_dir, "probe", save_path=str(tmp_path / "runs"), train_path=str(root / "train.json"),
                           val_path=str(root / "valid5.json"), num_epochs=2)
     configs = load_config(config)
-    model, tokenizer, ids = cli.build_model(configs)
+    model, tokenizer, ids = build.build_model(configs)
     with torch.no_grad():  # untrained, the three new rows tie exactly with `<<`; break the ties
         torch.manual_seed(0)
         table = model.base_causallm.get_input_embeddings().weight  # tied with the LM head
@@ -97,10 +98,10 @@ def test_accuracy_is_the_same_on_one_and_two_processes(no_dropout, tmp_path):
     prompts = get_question_latent_dataset(1, get_dataset(str(root / "valid5.json"), tokenizer), configs,
                                           ids["<|start-latent|>"], ids["<|latent|>"], ids["<|end-latent|>"])
     records = []
-    cli.evaluate(model, prompts, raw, MyCollator(tokenizer, latent_id=ids["<|latent|>"]), tokenizer, configs, 0, 1,
+    evaluation.evaluate(model, prompts, raw, MyCollator(tokenizer, latent_id=ids["<|latent|>"]), tokenizer, configs, 0, 1,
                  torch.device("cpu"), 128, records=records)
     for index in (1, 3, 4):  # sample 0 keeps its answer: it is the one the tokenizer check reads
-        raw[index]["answer"] = cli.extract_answer(records[index][1])
+        raw[index]["answer"] = evaluation.extract_answer(records[index][1])
     (tmp_path / "valid.json").write_text(json.dumps(raw))
 
     args = [config, "only_eval=true", f"load_model_path={checkpoint}", "resume=1", f"val_path={tmp_path / 'valid.json'}"]

@@ -13,6 +13,7 @@ import torch
 from test_run import config_for
 
 import analysis
+import build
 import run as cli
 from coconut import Coconut
 from dataset import MyCollator, get_dataset, get_question_latent_dataset
@@ -47,7 +48,7 @@ def test_export_round_trip_gives_the_same_generations(trained, tmp_path):
     assert meta["checkpoint"].endswith("checkpoint_2")
 
     configs.load_model_path, configs.only_eval = str(run_folder / "checkpoint_2"), True
-    original, tokenizer, id_map = cli.build_model(configs)
+    original, tokenizer, id_map = build.build_model(configs)
     ids = (id_map["<|start-latent|>"], id_map["<|latent|>"], id_map["<|end-latent|>"])
     loaded = Coconut.from_pretrained(str(out))
     loaded_tokenizer = AutoTokenizer.from_pretrained(str(out))

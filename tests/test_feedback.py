@@ -15,6 +15,7 @@ import torch
 from test_coconut import mixed_batch, setup_model
 from test_run import checkpoints, run_cli, write_config
 
+import build
 import run as cli
 from coconut import Coconut
 from utils import UserError, load_config
@@ -187,7 +188,7 @@ def test_latent_layer_out_of_range(gpt2, workspace, tmp_path, capsys, monkeypatc
     config = write_config(tmp_path, model_dir, "deep", train_path=str(root / "train.json"), val_path=str(root / "valid.json"),
                           save_path=str(tmp_path / "runs"), latent_layer=-4)
     with pytest.raises(UserError, match="key 'latent_layer' with model_id .*hidden states -3 .. 2"):
-        cli.build_model(load_config(config))
+        build.build_model(load_config(config))
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert cli.main([config]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -12,7 +12,8 @@ import torch
 from conftest import load_tokenizer_and_model
 from test_run import checkpoints, run_cli, write_config
 
-import run as cli
+import build
+import distributed
 from coconut import Coconut
 from utils import load_config
 
@@ -32,7 +33,7 @@ def run_config(workspace, folder, arch, model_dirs, name, **kw):
 def test_shard_units_are_the_decoder_layers(arch, model_dirs):
     _, model = load_tokenizer_and_model(model_dirs[arch])
     for wrapped in (model, Coconut(model, 0, 1, 2, 3)):
-        units = cli.shard_units(wrapped)
+        units = distributed.shard_units(wrapped)
         assert [type(m).__name__ for m in units] == [BLOCKS[arch]] * 2  # the tiny models have 2 blocks
         assert all(not any(u is not m and u in set(m.modules()) for u in units) for m in units)  # none nested
 
@@ -44,7 +45,7 @@ def test_weights_load_in_float32(model_dirs, tmp_path):
     folder = tmp_path / "llama-bf16"
     model.to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    loaded, _ = cli.load_pretrained(str(folder))
+    loaded, _ = build.load_pretrained(str(folder))
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
 
 
@@ -57,7 +58,7 @@ def test_coconut_run_one_process(arch, model_dirs, workspace, tmp_path):
     assert done.stdout.count("Accuracy on validation set: ") == 2 and "/ 5 = " in done.stdout
     assert "stage 1 (epoch 2)" in done.stdout  # the second epoch had continuous thoughts
     state = torch.load(tmp_path / "runs" / arch / "checkpoint_2", weights_only=True)
-    expected, _, _ = cli.build_model(load_config(config))
+    expected, _, _ = build.build_model(load_config(config))
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in expected.state_dict().items()}
     first = torch.load(tmp_path / "runs" / arch / "checkpoint_1", weights_only=True)
     assert any(not torch.equal(first[k], state[k]) for k in state)  # it trained
@@ -73,7 +74,7 @@ def test_coconut_run_two_processes(arch, model_dirs, workspace, tmp_path):
     assert "Total=3" in done.stdout and "Total=2" in done.stdout and " / 5 = " in done.stdout
     # whole tensors in the reference key format, plus the projection; it trained at stage 1
     state = torch.load(tmp_path / "runs" / f"pair-{arch}" / "checkpoint_2", weights_only=True)
-    expected, _, _ = cli.build_model(load_config(config))
+    expected, _, _ = build.build_model(load_config(config))
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in expected.state_dict().items()}
     width = state["latent_projection.weight"].shape[0]
     assert not torch.equal(state["latent_projection.weight"], torch.eye(width))

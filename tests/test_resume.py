@@ -16,7 +16,10 @@ import pytest
 import torch
 from test_run import checkpoints, cli_env, config_for, run_cli, write_config
 
+import build
+import evaluation
 import run as cli
+from coconut import Coconut
 from checkpoints import read_state
 
 def launch(args, tmp_path, torchrun):
@@ -92,7 +95,7 @@ def test_state_beside_weights_and_reference_checkpoints(workspace, tmp_path):
 
 def test_keep_last_keeps_the_best(workspace, tmp_path, monkeypatch):
     accuracies = iter([0.5, 0.1, 0.2, 0.3])
-    monkeypatch.setattr(cli, "evaluate", lambda *a, **k: (next(accuracies), 0.0))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: (next(accuracies), 0.0))
     configs = config_for(workspace, tmp_path, "keep", num_epochs=4, keep_last=2, batch_size_training=8, save_every_steps=1)
     cli.run(configs, 0, 1, torch.device("cpu"))
     folder = tmp_path / "runs" / "keep"
@@ -103,7 +106,7 @@ def test_keep_last_keeps_the_best(workspace, tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_without_saving(workspace, tmp_path, monkeypatch, capsys):
-    real_forward = cli.Coconut.forward
+    real_forward = Coconut.forward
     calls = []
 
     def forward(self, *args, **kwargs):
@@ -111,7 +114,7 @@ def test_non_finite_loss_stops_without_saving(workspace, tmp_path, monkeypatch, 
         calls.append(1)
         return out._replace(loss=out.loss * float("nan")) if len(calls) == 5 else out
 
-    monkeypatch.setattr(cli.Coconut, "forward", forward)
+    monkeypatch.setattr(Coconut, "forward", forward)
     config = write_config(tmp_path, workspace[1], "nan", save_path=str(tmp_path / "runs"), train_path=str(workspace[0] / "train.json"),
                           val_path=str(workspace[0] / "valid.json"), batch_size_training=4, num_epochs=2, save_every_steps=1)
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -123,8 +126,8 @@ def test_non_finite_loss_stops_without_saving(workspace, tmp_path, monkeypatch, 
 
 def test_mixed_precision_keeps_float32_master_weights(workspace, tmp_path):
     configs = config_for(workspace, tmp_path, "amp", num_epochs=1, mixed_precision=True, reset_optimizer=False)
-    model, _, _ = cli.build_model(configs)
-    with cli.precision(configs, torch.device("cpu")):
+    model, _, _ = build.build_model(configs)
+    with build.precision(configs, torch.device("cpu")):
         ids = torch.tensor([[5, 6, 7]])
         assert model(ids, torch.ones_like(ids), ids).logits.dtype == torch.bfloat16
     cli.run(configs, 0, 1, torch.device("cpu"))

@@ -17,7 +17,12 @@ import torch
 import yaml
 from conftest import REPO
 
+import build
+import evaluation
+import metrics
+import train
 import run as cli
+from coconut import Coconut
 from checkpoints import complete_checkpoints
 from utils import UserError, load_config
 
@@ -122,7 +127,7 @@ def test_two_processes_with_torchrun(workspace, tmp_path):
     assert "Total=2" in done.stdout and "Accuracy on validation set: " in done.stdout and " / 5 = " in done.stdout
     # the sharded run saves whole tensors in the reference key format
     state = torch.load(root / "runs" / "pair" / "checkpoint_2", weights_only=True)
-    expected, _, _ = cli.build_model(load_config(config))
+    expected, _, _ = build.build_model(load_config(config))
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in expected.state_dict().items()}
 
     evaluated = run_cli([config, "only_eval=true", "name=pair-eval", f"load_model_path={root / 'runs' / 'pair' / 'checkpoint_2'}"],
@@ -195,7 +200,7 @@ def test_checkpoint_loading_cases(workspace, tmp_path):
     root, model_dir = workspace
     # a CoT-style (plain) checkpoint: keys without base_causallm.
     plain_config = config_for(workspace, tmp_path, "plain", coconut=False, cot=True)
-    plain, _, _ = cli.build_model(plain_config)
+    plain, _, _ = build.build_model(plain_config)
     with torch.no_grad():
         for p in plain.parameters():
             p.add_(0.5)
@@ -203,7 +208,7 @@ def test_checkpoint_loading_cases(workspace, tmp_path):
     torch.save(plain.state_dict(), plain_path)
 
     # 1. Coconut run from a plain checkpoint: loaded into the plain model, before the resize
-    coconut, tokenizer, ids = cli.build_model(config_for(workspace, tmp_path, "c1", load_model_path=str(plain_path)))
+    coconut, tokenizer, ids = build.build_model(config_for(workspace, tmp_path, "c1", load_model_path=str(plain_path)))
     wte = coconut.base_causallm.get_input_embeddings().weight
     n_old = plain.get_input_embeddings().weight.shape[0]
     torch.testing.assert_close(wte[:n_old], plain.get_input_embeddings().weight)
@@ -215,20 +220,20 @@ def test_checkpoint_loading_cases(workspace, tmp_path):
     # 3. Coconut run from a Coconut checkpoint: loaded into the wrapper
     coconut_path = tmp_path / "coconut.pt"
     torch.save(coconut.state_dict(), coconut_path)
-    again, _, _ = cli.build_model(config_for(workspace, tmp_path, "c3", load_model_path=str(coconut_path)))
+    again, _, _ = build.build_model(config_for(workspace, tmp_path, "c3", load_model_path=str(coconut_path)))
     for (name, a), b in zip(again.state_dict().items(), coconut.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
 
     # 2. non-Coconut run from a Coconut checkpoint: refused
     with pytest.raises(UserError, match="holds Coconut weights"):
-        cli.build_model(config_for(workspace, tmp_path, "c2", coconut=False, cot=True, load_model_path=str(coconut_path)))
+        build.build_model(config_for(workspace, tmp_path, "c2", coconut=False, cot=True, load_model_path=str(coconut_path)))
 
     # 4. non-Coconut run from a plain checkpoint, and no_thoughts turning Coconut off
-    loaded, tok4, _ = cli.build_model(config_for(workspace, tmp_path, "c4", coconut=False, cot=True, load_model_path=str(plain_path)))
+    loaded, tok4, _ = build.build_model(config_for(workspace, tmp_path, "c4", coconut=False, cot=True, load_model_path=str(plain_path)))
     torch.testing.assert_close(loaded.get_input_embeddings().weight, plain.get_input_embeddings().weight)
     nt_config = config_for(workspace, tmp_path, "nt", coconut=False, no_thoughts=True, c_thought=2)
-    model, _, _ = cli.build_model(nt_config)
-    assert nt_config.c_thought == 0 and not nt_config.coconut and not isinstance(model, cli.Coconut)
+    model, _, _ = build.build_model(nt_config)
+    assert nt_config.c_thought == 0 and not nt_config.coconut and not isinstance(model, Coconut)
 
 
 class Recorder:
@@ -247,12 +252,12 @@ class Recorder:
 def test_logging_save_only_improve_and_optimizer_resets(workspace, tmp_path, monkeypatch):
     root, model_dir = workspace
     recorder = Recorder()
-    monkeypatch.setattr(cli, "init_wandb", lambda configs, run_id=None: recorder)
+    monkeypatch.setattr(metrics, "init_wandb", lambda configs, run_id=None: recorder)
     accuracies = iter([0.2, 0.1, 0.4])
-    monkeypatch.setattr(cli, "evaluate", lambda *a, **k: (next(accuracies), 0.0))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: (next(accuracies), 0.0))
     built = []
-    real_build = cli.build_optimizer
-    monkeypatch.setattr(cli, "build_optimizer", lambda *a: built.append(1) or real_build(*a))
+    real_build = build.build_optimizer
+    monkeypatch.setattr(build, "build_optimizer", lambda *a: built.append(1) or real_build(*a))
 
     configs = config_for(workspace, tmp_path, "improve", save_only_improve=True)
     cli.run(configs, 0, 1, torch.device("cpu"))
@@ -265,7 +270,7 @@ def test_logging_save_only_improve_and_optimizer_resets(workspace, tmp_path, mon
 
     # a restart continues the same wandb run
     asked = []
-    monkeypatch.setattr(cli, "init_wandb", lambda configs, run_id=None: asked.append(run_id) or recorder)
+    monkeypatch.setattr(metrics, "init_wandb", lambda configs, run_id=None: asked.append(run_id) or recorder)
     accuracies = iter([0.5])
     cli.run(config_for(workspace, tmp_path, "improve", save_only_improve=True, num_epochs=4), 0, 1, torch.device("cpu"))
     assert asked == ["recorded-run"] and checkpoints(tmp_path, "improve")[-1] == "checkpoint_4"
@@ -301,14 +306,14 @@ def test_gradient_accumulation_steps_and_scaling(sync_every):
     optimizer = CountingOptimizer(toy.w)
     batches = [{"input_ids": torch.tensor([[float(i)]]), "labels": torch.tensor([[0]]), "idx": torch.tensor([i])} for i in range(1, 6)]
     configs = SimpleNamespace(gradient_accumulation_steps=2, num_epochs=1, save_every_steps=0, mixed_precision=False, sync_every=sync_every)
-    cli.train_epoch(toy, optimizer, batches, configs, 0, 0, torch.device("cpu"), cli.Logger(), None)
+    train.train_epoch(toy, optimizer, batches, configs, 0, 0, torch.device("cpu"), metrics.Logger(), None)
     # steps after batches 2, 4 and the last (5); each gradient is the sum over its batches / 2
     assert [float(g) for g in optimizer.grads] == [1.5, 3.5, 2.5]
 
 
 def test_bf16_casts_the_model(workspace, tmp_path):
     root, model_dir = workspace
-    model, _, _ = cli.build_model(config_for(workspace, tmp_path, "bf", bf16=True))
+    model, _, _ = build.build_model(config_for(workspace, tmp_path, "bf", bf16=True))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
@@ -319,10 +324,10 @@ def test_batched_evaluation_equals_batch_size_one(method, workspace, tmp_path):
     from dataset import MyCollator, get_dataset, get_question_latent_dataset, load_samples
 
     configs = config_for(workspace, tmp_path, "batched", max_latent_stage=3, **method)
-    model, tokenizer, ids = cli.build_model(configs)
+    model, tokenizer, ids = build.build_model(configs)
     with torch.no_grad():  # untrained, the three new rows tie exactly with `<<`; break the ties
         torch.manual_seed(0)
-        plain = cli.plain_model(model)
+        plain = build.plain_model(model)
         for table in {plain.get_output_embeddings().weight, plain.get_input_embeddings().weight} if not configs.cot else ():
             table[list(ids.values())] += 0.05 * torch.randn(3, table.shape[1])
     raw = load_samples(configs.val_path)
@@ -335,7 +340,7 @@ def test_batched_evaluation_equals_batch_size_one(method, workspace, tmp_path):
     for batch_size in (1, 4):
         configs.batch_size_eval = batch_size
         records = []
-        scores = cli.evaluate(model, prompts, raw, collator, tokenizer, configs, 0, 1, torch.device("cpu"), 24, records=records)
+        scores = evaluation.evaluate(model, prompts, raw, collator, tokenizer, configs, 0, 1, torch.device("cpu"), 24, records=records)
         results[batch_size] = (scores, records)
     assert results[1] == results[4]
     assert [i for i, _, _ in results[1][1]] == list(range(len(raw)))

@@ -16,6 +16,7 @@ import torch
 from conftest import REPO
 from test_run import checkpoints, cli_env, config_for, write_config
 
+import build
 import run as cli
 from utils import Config, load_config
 
@@ -51,8 +52,9 @@ NAN_ON_RANK_1 = """
 import os, sys
 sys.path.insert(0, {repo!r})
 import run
+from coconut import Coconut
 
-real_forward = run.Coconut.forward
+real_forward = Coconut.forward
 calls = []
 
 
@@ -65,7 +67,7 @@ def forward(self, *args, **kwargs):
     return out
 
 
-run.Coconut.forward = forward
+Coconut.forward = forward
 sys.exit(run.main(sys.argv[1:]))
 """
 
@@ -120,21 +122,21 @@ def test_fast_path_values_read_as_written(workspace, tmp_path):
 
 def test_fast_path_mode_per_device():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert cli.fast_path_mode(Config(fast_path="auto"), cpu) == "eager"  # the reference path on a CPU
-    assert cli.fast_path_mode(Config(fast_path="auto"), gpu) == "compiled"
+    assert build.fast_path_mode(Config(fast_path="auto"), cpu) == "eager"  # the reference path on a CPU
+    assert build.fast_path_mode(Config(fast_path="auto"), gpu) == "compiled"
     for mode in ("compiled", "static", "eager"):
-        assert cli.fast_path_mode(Config(fast_path=mode), cpu) == mode == cli.fast_path_mode(Config(fast_path=mode), gpu)
+        assert build.fast_path_mode(Config(fast_path=mode), cpu) == mode == build.fast_path_mode(Config(fast_path=mode), gpu)
 
 
 def test_tf32_only_when_asked_for():
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
     try:
-        cli.set_tf32(Config(tf32=False), torch.device("cuda", 0))
+        build.set_tf32(Config(tf32=False), torch.device("cuda", 0))
         assert matmul.fp32_precision == before != "tf32"
-        cli.set_tf32(Config(tf32=True), torch.device("cpu"))  # a GPU setting: a CPU run is left alone
+        build.set_tf32(Config(tf32=True), torch.device("cpu"))  # a GPU setting: a CPU run is left alone
         assert matmul.fp32_precision == before
-        cli.set_tf32(Config(tf32=True), torch.device("cuda", 0))
+        build.set_tf32(Config(tf32=True), torch.device("cuda", 0))
         assert matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision = before

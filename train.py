@@ -1,0 +1,166 @@
+"""Training: a stage's batches for this rank, one epoch of forward,
+backward and optimizer steps with the losses read at sync points (a
+diverged run stops before it saves), and the validation loss."""
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from build import precision
+from distributed import all_reduce_max_tensor, all_reduce_sum, as_coconut, barrier, is_sharded
+from utils import is_main_process, print0
+
+
+def train_size(configs):
+    """How many samples of train_path to train on, from its start."""
+    size = configs.train_samples or 100000000
+    return min(size, 5000) if configs.debug else size
+
+
+def epoch_batches(dataset, configs, collator, rank, world, device, skip=0):
+    """This rank's batches of a dataset, in the same order on every run, from
+    batch `skip` on (a mid-epoch resume)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    indices = list(DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False))
+    # on a GPU one worker lays out and pads the next batches during the step;
+    # on a CPU it would only take a core from the model
+    workers = 1 if device.type == "cuda" else 0
+    # its own generator: a loader draws a seed when iterated, and drawing it
+    # from the global RNG would shift dropout after a mid-epoch resume
+    return DataLoader(dataset, batch_size=configs.batch_size_training, sampler=indices[skip * configs.batch_size_training :],
+                      collate_fn=collator, num_workers=workers, pin_memory=workers > 0, generator=torch.Generator())
+
+
+def model_inputs(batch, device, coconut=None, min_passes=0):
+    """A batch on the device (asynchronously from the loader's pinned memory)
+    as the model's keywords; for a Coconut, with its latent plan computed on
+    the CPU batch, which spares a device sync, and `min_passes` (see
+    passes_in_step)."""
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "idx"}
+    if coconut is not None:
+        inputs["plan"] = coconut.plan(batch["input_ids"])
+        if min_passes:
+            inputs["min_passes"] = min_passes
+    return inputs
+
+
+def passes_in_step(parallel, dataset):
+    """Under FSDP every rank must call the base model equally often in a
+    forward (each call gathers the sharded weights), but a batch makes one
+    call per latent column of its widest row, which differs between ranks
+    when rows hold different latent counts (uniform_prob, or
+    pad_latent_to_max off). Every forward then makes as many calls as the
+    stage's widest sequence needs, a number each rank computes alike; 0
+    (no padding) when nothing is sharded or every sequence is alike."""
+    coconut = as_coconut(parallel)
+    if coconut is None or coconut.pause_as_thought or not is_sharded(parallel) or not hasattr(dataset, "max_latents"):
+        return 0
+    return dataset.max_latents()
+
+
+class NonFiniteLoss(Exception):
+    """Training diverged; the run stops without saving that state."""
+
+
+class PendingLosses:
+    """Training losses kept on the device between sync points, so that a
+    batch costs no host sync and no collective. `flush` reads them all at
+    once, stops every rank together if any rank had a non-finite loss (one
+    all-reduce), and logs each batch under its own step, as if logged when
+    it ran."""
+
+    def __init__(self, configs, epoch, total, stage, logger, pbar):
+        self.configs, self.epoch, self.total, self.stage = configs, epoch, total, stage
+        self.logger, self.pbar = logger, pbar
+        self.steps, self.losses, self.times = [], [], []
+
+    def add(self, step, loss):
+        self.steps.append(step)
+        self.losses.append(loss.detach().float())
+        self.times.append(time.monotonic())
+
+    def __len__(self):
+        return len(self.steps)
+
+    def flush(self):
+        if not self.steps:
+            return
+        losses = torch.stack(self.losses)
+        bad = all_reduce_max_tensor((~torch.isfinite(losses)).int())
+        values, bad = losses.tolist(), bad.tolist()  # the host sync
+        steps, times, self.steps, self.losses, self.times = self.steps, self.times, [], [], []
+        epoch, total = self.epoch, self.total
+        for step, value, not_finite, when in zip(steps, values, bad, times):
+            if not_finite:  # on some rank: every rank stops at this flush
+                raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}, batch {step}: stopping without saving")
+            full_loss = value * self.configs.gradient_accumulation_steps
+            row = {"train/epoch": epoch + 1, "train/step": epoch * total + step, "train/loss": full_loss}
+            self.logger.log(row, self.stage, epoch + 1, epoch * total + step, when=when, batch=step)
+        self.pbar.set_description(f"Training Epoch: {epoch + 1}/{self.configs.num_epochs}, batch {steps[-1]}/{total} (loss: {full_loss:.4f})")
+
+
+def train_epoch(parallel, optimizer, batches, configs, epoch, stage, device, logger, tokenizer, first=0, save=None):
+    """One pass over `batches`, which start at batch `first` of the epoch.
+    `save(batches_done)` is called every `save_every_steps` optimizer steps.
+    Losses are read (logged, checked) every `sync_every` batches and before
+    every save, so a diverged state is never saved. Returns the number of
+    batches in the whole epoch."""
+    parallel.train()
+    accumulate = configs.gradient_accumulation_steps
+    total = first + len(batches)
+    pbar = tqdm(total=total // accumulate, initial=first // accumulate, desc=f"Training Epoch: {epoch + 1}",
+                unit="step", disable=not is_main_process(), dynamic_ncols=True)
+    pending = PendingLosses(configs, epoch, total, stage, logger, pbar)
+    coconut = as_coconut(parallel)
+    min_passes = passes_in_step(parallel, getattr(batches, "dataset", None))
+    started = time.perf_counter()
+    try:
+        for step, batch in enumerate(batches, start=first):
+            if step == 0:
+                logger.batch_table(batch, tokenizer, epoch * total)
+            with precision(configs, device):
+                loss = parallel(**model_inputs(batch, device, coconut, min_passes)).loss / accumulate
+            pending.add(step, loss)
+            loss.backward()
+            saving = False
+            if (step + 1) % accumulate == 0 or step == total - 1:
+                optimizer.step()
+                optimizer.zero_grad()
+                pbar.update(1)
+                n_steps = (step + 1) // accumulate
+                saving = bool(save and configs.save_every_steps and n_steps % configs.save_every_steps == 0 and step < total - 1)
+            if saving or len(pending) >= configs.sync_every or step == total - 1:
+                pending.flush()
+            if saving:
+                save(step + 1)
+    finally:
+        pbar.close()  # ends the bar's line, also before an error message
+    report_speed(epoch, len(batches), accumulate, time.perf_counter() - started)  # the last flush waited for the device
+    barrier()
+    return total
+
+
+def report_speed(epoch, n_batches, accumulate, seconds):
+    if n_batches:
+        n_steps = -(-n_batches // accumulate)
+        print0(f"Epoch {epoch + 1}: {n_steps} optimizer steps in {seconds:.1f} s ({n_steps / max(seconds, 1e-9):.1f} steps/s)")
+
+
+@torch.no_grad()
+def validation_loss(parallel, loader, world, device, configs):
+    """Mean over batches of the loss averaged over ranks, read once at the end."""
+    parallel.eval()
+    coconut = as_coconut(parallel)
+    min_passes = passes_in_step(parallel, loader.dataset)
+    losses = []
+    for batch in tqdm(loader, desc="Validation loss", unit="batch", disable=not is_main_process(), dynamic_ncols=True):
+        with precision(configs, device):
+            losses.append(parallel(**model_inputs(batch, device, coconut, min_passes)).loss.detach().float())
+    total = 0.0
+    if losses:  # summed in the order and precision of a per-batch reading
+        for loss in all_reduce_sum(torch.stack(losses)).tolist():
+            total += loss / world
+    return total / max(len(loader), 1)
+
