@@ -192,7 +192,8 @@ def evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n_thoughts, 
     collator = MyCollator(tokenizer, latent_id=ids["<|latent|>"], label_pad_token_id=-100)
     records = []
     with redirect_stdout(io.StringIO()), build.precision(configs, device):
-        accuracy, cot_match = evaluation.evaluate(model, dataset, raw, collator, tokenizer, configs, 0, 1, device, evaluation.max_new_tokens(configs), records)
+        budget = evaluation.max_new_tokens(configs)
+        accuracy, cot_match = evaluation.evaluate(model, dataset, raw, collator, tokenizer, configs, 0, 1, device, budget, records)
     outputs = []
     for idx, text, n_new in records:
         prediction = evaluation.extract_answer(text)
@@ -416,7 +417,8 @@ def inspect_sample(model, tokenizer, configs, base_valid, raw, index, graph, n_t
         norm, _ = head_reading(model)
         probs = head_probabilities(model, thoughts, norm)
         output = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=evaluation.max_new_tokens(configs))
-    if len(thoughts) and norm is None and reference_feedback(model) and not torch.allclose(probs, torch.softmax(logits_before.float(), dim=-1), atol=1e-3):
+    before = torch.softmax(logits_before.float(), dim=-1)
+    if len(thoughts) and norm is None and reference_feedback(model) and not torch.allclose(probs, before, atol=1e-3):
         print(f"warning: sample {index}: LM head on the thoughts differs from the model's logits before them; "
               "this architecture may feed pre-norm hidden states", file=sys.stderr)
     table = model.base_causallm.get_input_embeddings().weight

@@ -233,7 +233,7 @@ def log_batch_table(run, table, batch, tokenizer, step):
     """One table row per epoch: every position's id, label and token."""
     lines = []
     for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
-        lines += [f"{i} {l} {tokenizer.decode([i])}" for i, l in zip(ids, labels)]
+        lines += [f"{i} {label} {tokenizer.decode([i])}" for i, label in zip(ids, labels)]
         lines.append("=" * 40)
     table.add_data(step, "\n".join(lines) + "\n")
     run.log({"data_table": copy.copy(table)})

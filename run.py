@@ -10,6 +10,7 @@ train, evaluation and metrics (wandb and the metrics file).
 """
 
 import argparse
+import functools
 import sys
 
 import torch.distributed as dist
@@ -71,7 +72,7 @@ def run(configs, rank, world, device):
             if configs.reset_optimizer and (first_batch == 0 or optimizer is None):
                 optimizer = build.build_optimizer(parallel, configs)
             batches = train.epoch_batches(train_set, configs, collator, rank, world, device, skip=first_batch)
-            save_partial = (lambda done: checkpoints.save_checkpoint(parallel, optimizer, configs, progress, epoch, done)) if saving else None
+            save_partial = functools.partial(checkpoints.save_checkpoint, parallel, optimizer, configs, progress, epoch) if saving else None
             per_epoch = train.train_epoch(parallel, optimizer, batches, configs, epoch, stage, device, logger, tokenizer, first_batch, save_partial)
             first_batch = 0
             if not configs.save_only_improve and saving:

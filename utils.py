@@ -173,7 +173,9 @@ def check_config(config, source):
     for key in ("lr",):
         if config[key] <= 0:
             raise UserError(f"{source}: key '{key}' must be > 0")
-    for key in ("c_thought", "epochs_per_stage", "max_latent_stage", "resume", "seed", "save_every_steps", "keep_last", "train_samples", "weight_decay"):
+    non_negative = ("c_thought", "epochs_per_stage", "max_latent_stage", "resume", "seed", "save_every_steps", "keep_last",
+                    "train_samples", "weight_decay")
+    for key in non_negative:
         if config[key] < 0:
             raise UserError(f"{source}: key '{key}' must be >= 0")
     if config.data_format not in DATA_FORMATS:

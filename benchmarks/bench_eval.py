@@ -76,7 +76,8 @@ def main():
     fast.use_fast_path(compile=args.fast == "compiled")
     torch._dynamo.config.recompile_limit = 64  # one compilation per batch size and precision
     config = Config(c_thought=1, max_latent_stage=6, pad_latent_to_max=True)
-    prompts = list(get_question_latent_dataset(6, prosqa_like(examples, PRESETS[preset]["vocab_size"]), config, ids["start"], ids["latent"], ids["end"]))
+    base = prosqa_like(examples, PRESETS[preset]["vocab_size"])
+    prompts = list(get_question_latent_dataset(6, base, config, ids["start"], ids["latent"], ids["end"]))
     collator = MyCollator(PadTokenizer(), latent_id=ids["latent"])
 
     def batched(generator, precision=contextlib.nullcontext):

@@ -85,7 +85,7 @@ def main():
     print("| what | seconds |")
     print("| --- | --- |")
     for stage in (0, 1, 2, 3, 4):
-        took, built = seconds(lambda: get_cot_latent_dataset(stage, base, config, 1, 2, 3, shuffle=True, seed=stage))
+        took, built = seconds(lambda stage=stage: get_cot_latent_dataset(stage, base, config, 1, 2, 3, shuffle=True, seed=stage))
         print(f"| build stage {stage} training set (shuffled) | {took:.2f} |", flush=True)
     took, _ = seconds(lambda: get_cot_latent_dataset(2, base, Config(config, uniform_prob=0.5), 1, 2, 3, shuffle=True, seed=9))
     print(f"| build stage 2 with uniform_prob 0.5 | {took:.2f} |", flush=True)

@@ -113,7 +113,8 @@ def header(device):
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
-        hardware = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+        with open("/proc/cpuinfo") as f:
+            hardware = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
         hardware += f", {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return "\n".join([
         f"hardware: {hardware}",

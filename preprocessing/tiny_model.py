@@ -17,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from convert_io import ArgumentParser  # noqa: E402
+
 from utils import UserError  # noqa: E402
 
 EOS = "<|endoftext|>"
@@ -100,7 +101,8 @@ def main(argv=None):
     parser.add_argument("--activation", default="gelu_new", choices=ACTIVATIONS,
                         help="the MLP's activation (GPT-2's own is gelu_new; relu is the cheapest on a CPU)")
     parser.add_argument("--vocab-size", type=int, default=1000, help="upper bound; small corpora stop earlier")
-    parser.add_argument("--dropout", type=float, default=0.0, help="GPT-2's three dropout rates (0: a tiny model trained briefly learns faster without)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="GPT-2's three dropout rates (0: a tiny model trained briefly learns faster without)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for key in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "n_inner"):

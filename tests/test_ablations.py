@@ -50,8 +50,9 @@ def test_pause_as_thought_is_one_plain_pass(model_dirs, tmp_path):
 
 
 def test_pause_as_thought_generation_is_plain_greedy(model_dirs, data_dir):
-    from dataset import MyCollator, get_dataset, get_question_latent_dataset
     from test_coconut import stage_config
+
+    from dataset import MyCollator, get_dataset, get_question_latent_dataset
 
     tokenizer, model, ids = setup_model(model_dirs["gpt2"])
     start, latent, end = ids
@@ -149,7 +150,8 @@ def test_refusal_on_the_command_line(workspace, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert cli.main([config, "coconut=false", "cot=true", "no_curriculum=true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and err[-1].endswith("key 'no_curriculum' needs coconut: True (it changes how continuous thoughts are trained)")
+    assert err[-1].startswith("error: ")
+    assert err[-1].endswith("key 'no_curriculum' needs coconut: True (it changes how continuous thoughts are trained)")
     assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "runs").exists()
 

@@ -22,8 +22,8 @@ from conftest import REPO, load_tokenizer_and_model
 from test_run import write_config
 
 import analysis
-import metrics
 import build
+import metrics
 import run
 from coconut import Coconut
 from utils import CONFIG_KEYS, load_config
@@ -52,7 +52,8 @@ def graph_setup(tmp_path_factory):
     it depends on the number of thoughts, which the cross-check needs."""
     root = tmp_path_factory.mktemp("analysis")
     made = subprocess.run(
-        [sys.executable, "preprocessing/tasks.py", "graph", "--train", "40", "--valid", "7", "--test", "0", "--out-dir", str(root), "--max-hops", "3"],
+        [sys.executable, "preprocessing/tasks.py", "graph", "--train", "40", "--valid", "7", "--test", "0", "--out-dir", str(root),
+         "--max-hops", "3"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert made.returncode == 0, made.stderr
@@ -300,13 +301,15 @@ CASES = [
     ("no-command", ["plot", "CONFIG"], "expected a command, sweep, inspect or export, got 'plot'"),
     ("bad-override", ["sweep", "CONFIG", "max_latent_stag=3"], "unknown key 'max_latent_stag' (did you mean 'max_latent_stage'?)"),
     ("missing-checkpoint", ["sweep", "CONFIG", "--checkpoint", "ROOT/missing.pt"], "--checkpoint 'ROOT/missing.pt': no such checkpoint file"),
-    ("corrupt-checkpoint", ["inspect", "CONFIG", "--checkpoint", "ROOT/graph_valid.json"], "load_model_path 'ROOT/graph_valid.json': not a readable checkpoint"),
+    ("corrupt-checkpoint", ["inspect", "CONFIG", "--checkpoint", "ROOT/graph_valid.json"],
+     "load_model_path 'ROOT/graph_valid.json': not a readable checkpoint"),
     ("no-checkpoint", ["sweep", "FRESH"], "load_model_path: no checkpoint to analyse"),
     ("missing-data", ["sweep", "CONFIG", "--checkpoint", "CKPT", "--data", "ROOT/none.json"], "ROOT/none.json: data file not found"),
     ("sample-out-of-range", ["inspect", "CONFIG", "--checkpoint", "CKPT", "--samples", "0,7"],
      "--samples: sample 7 is out of range: ROOT/graph_valid.json holds 7 samples"),
     ("sample-negative", ["inspect", "CONFIG", "--checkpoint", "CKPT", "--samples", "-1"], "--samples: sample -1 is out of range"),
-    ("sample-not-int", ["inspect", "CONFIG", "--checkpoint", "CKPT", "--samples", "0,x"], "--samples: expected comma-separated sample indices, got '0,x'"),
+    ("sample-not-int", ["inspect", "CONFIG", "--checkpoint", "CKPT", "--samples", "0,x"],
+     "--samples: expected comma-separated sample indices, got '0,x'"),
     ("negative-K", ["sweep", "CONFIG", "--checkpoint", "CKPT", "--max-thoughts", "-1"], "--max-thoughts: must be >= 0, got -1"),
     ("K-not-int", ["sweep", "CONFIG", "--checkpoint", "CKPT", "--max-thoughts", "two"], "argument --max-thoughts: invalid int value: 'two'"),
     ("zero-thoughts", ["inspect", "CONFIG", "--checkpoint", "CKPT", "--thoughts", "0"], "--thoughts: must be >= 1, got 0"),

@@ -8,7 +8,7 @@ import os
 import pytest
 import yaml
 
-from utils import CONFIG_KEYS, Config, load_config, UserError
+from utils import CONFIG_KEYS, Config, UserError, load_config
 
 ARGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "args")
 MINIMAL = dict(save_path="runs", name="x", model_id="m", train_path="t.json", val_path="v.json", num_epochs=2)

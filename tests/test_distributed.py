@@ -35,7 +35,11 @@ def equal_length_samples(tokenizer, n):
                 for d in range(1, 4):
                     steps = [f"<<{a}+{c}={a + c}>>", f"<<{a + c}+{d}={a + c + d}>>"]
                     candidates.append({"question": f"Tom has {a} apples and gets {b} more?", "steps": steps, "answer": str(a + c + d)})
-    shape = lambda s: tuple(len(tokenizer.encode(t + "\n", add_special_tokens=False)) for t in s["steps"]) + (len(tokenizer.encode("### " + s["answer"], add_special_tokens=False)),)
+
+    def shape(sample):
+        pieces = [t + "\n" for t in sample["steps"]] + ["### " + sample["answer"]]
+        return tuple(len(tokenizer.encode(piece, add_special_tokens=False)) for piece in pieces)
+
     common = collections.Counter(map(shape, candidates)).most_common(1)[0][0]
     chosen = [s for s in candidates if shape(s) == common]
     assert len(chosen) >= n

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from test_run import config_for
 
-import run as cli
 import dataset
+import run as cli
 from dataset import get_dataset
 
 

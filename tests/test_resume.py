@@ -19,8 +19,9 @@ from test_run import checkpoints, cli_env, config_for, run_cli, write_config
 import build
 import evaluation
 import run as cli
-from coconut import Coconut
 from checkpoints import read_state
+from coconut import Coconut
+
 
 def launch(args, tmp_path, torchrun):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
@@ -52,7 +53,8 @@ def descendants(pid):
 @pytest.mark.parametrize("torchrun", [False, True], ids=["1-process", "2-processes"])
 def test_killed_mid_epoch_and_restarted_equals_uninterrupted(torchrun, workspace, tmp_path):
     root, model_dir = workspace
-    common = dict(save_path=str(tmp_path / "runs"), train_path=str(root / "train.json"), val_path=str(root / "valid.json"), num_epochs=2, batch_size_training=2 if torchrun else 4,
+    common = dict(save_path=str(tmp_path / "runs"), train_path=str(root / "train.json"), val_path=str(root / "valid.json"), num_epochs=2,
+                  batch_size_training=2 if torchrun else 4,
                   save_every_steps=1, reset_optimizer=False)  # AdamW state carries over the restart; dropout is on
     whole = write_config(tmp_path, model_dir, "whole", **common)
     done = run_cli([whole], tmp_path, torchrun=torchrun, WANDB_MODE="disabled")

@@ -20,10 +20,10 @@ from conftest import REPO
 import build
 import evaluation
 import metrics
-import train
 import run as cli
-from coconut import Coconut
+import train
 from checkpoints import complete_checkpoints
+from coconut import Coconut
 from utils import UserError, load_config
 
 

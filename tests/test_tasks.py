@@ -7,7 +7,6 @@ import json
 import re
 
 import pytest
-
 from test_preprocessing import assert_one_line_error, cli, load
 
 tasks = load("tasks")
