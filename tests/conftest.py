@@ -1,22 +1,29 @@
 """Shared fixtures: a BPE tokenizer trained here with the `tokenizers` library,
 tiny random GPT-2 / Llama / Qwen2 models saved to temp folders and loaded back
 through `from_pretrained` (the path a user's `model_id` takes), and small
-data files. No network.
+data files. No network. Plain helper functions shared by the test files live
+in tests/helpers.py.
 
 Run the whole suite with: python -m pytest -q tests
+Only the fast tier (no end-to-end runs, torchrun or compilation):
+python -m pytest -q -m "not slow" tests
 """
 
 import atexit
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# helpers.py holds assertions (assert_one_line_error): rewritten like a test
+# file's, for the same failure messages, so registered before its import
+pytest.register_assert_rewrite("helpers")
+
+from helpers import REPO, make_samples  # noqa: E402  (benchmarks/bench_stages.py imports make_samples from here)
+
 sys.path.insert(0, REPO)
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -25,21 +32,6 @@ atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=Tr
 
 EOS = "<|endoftext|>"
 BOS = "<s>"
-
-
-def make_samples(n, seed=0, max_steps=4):
-    """Arithmetic word problems in the GSM8K layout, 0..max_steps steps each."""
-    rng = random.Random(seed)
-    samples = []
-    for _ in range(n):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        steps, value = [], a
-        for _ in range(rng.randint(0, max_steps)):
-            c = rng.randint(1, 9)
-            steps.append(f"<<{value}+{c}={value + c}>>")
-            value += c
-        samples.append({"question": f"Tom has {a} apples and gets {b} more, then adds steps?", "steps": steps, "answer": str(value)})
-    return samples
 
 
 def train_tokenizer(folder, add_bos=False):
@@ -134,9 +126,3 @@ def workspace(tmp_path_factory, model_dirs):
     (root / "train.json").write_text(json.dumps(make_samples(24, seed=1)))
     (root / "valid.json").write_text(json.dumps(make_samples(5, seed=2)))
     return root, model_dirs["gpt2"]
-
-
-def load_tokenizer_and_model(folder):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)

@@ -13,8 +13,7 @@ import os
 import pytest
 import torch
 import yaml
-from test_coconut import mixed_batch, setup_model
-from test_run import checkpoints, config_for, run_cli, write_config
+from helpers import checkpoints, config_for, mixed_batch, run_cli, setup_model, stage_config, write_config
 
 import build
 import evaluation
@@ -50,8 +49,6 @@ def test_pause_as_thought_is_one_plain_pass(model_dirs, tmp_path):
 
 
 def test_pause_as_thought_generation_is_plain_greedy(model_dirs, data_dir):
-    from test_coconut import stage_config
-
     from dataset import MyCollator, get_dataset, get_question_latent_dataset
 
     tokenizer, model, ids = setup_model(model_dirs["gpt2"])
@@ -200,6 +197,7 @@ def test_every_method_row_has_a_config(dataset):
 
 
 # ------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_pause_token_run_saves_and_resumes(workspace, tmp_path, monkeypatch, capsys):
     """The pause-token baseline through run.py: every epoch at the final stage,
     checkpoints in the reference key format, and a resume."""

@@ -1,7 +1,7 @@
 """analysis.py on a tiny GPT-2 and generated graph data: the thought-count
 sweep agrees with run.py's own evaluation of the same checkpoint at each
 stage; inspection's thoughts, top-k probabilities, norms and nearest
-embeddings agree with a naive recomputation (one full pass per thought); the
+embeddings agree with the naive reference (one full pass per thought); the
 LM head on a thought equals the model's logits before it for GPT-2, Llama
 and Qwen2; the graph-distance masses on a hand-made graph; valid PNGs; and
 one-line errors, with nothing written, for bad input.
@@ -18,8 +18,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, load_tokenizer_and_model
-from test_run import write_config
+from helpers import REPO, load_tokenizer_and_model, naive_forward, write_config
 
 import analysis
 import build
@@ -105,6 +104,7 @@ def run_py_accuracy(root, config, checkpoint, data, stage, capsys):
     return record["eval/acc"], record["eval/cot_em"]
 
 
+@pytest.mark.slow
 def test_sweep_matches_run_py_evaluation(graph_setup, tmp_path, capsys):
     root, config, checkpoint = graph_setup
     assert analysis.main(["sweep", config, "--checkpoint", checkpoint, "--out", str(tmp_path / "first")]) == 0
@@ -151,16 +151,16 @@ def test_sweep_counts_generated_tokens(graph_setup, tmp_path):
     assert rows[1]["mean_generated_tokens"] == pytest.approx(mean)
 
 
-def naive_thoughts(base, question_ids, start_id, n):
-    """Continuous thoughts the slow way: one full pass per thought, feeding
-    the last position's final hidden state back as the next input embedding."""
-    embeds = base.get_input_embeddings()(torch.tensor([question_ids + [start_id]]))
-    thoughts = []
-    for _ in range(n):
-        hidden = base(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1][0, -1]
-        thoughts.append(hidden)
-        embeds = torch.cat([embeds, hidden[None, None]], dim=1)
-    return thoughts
+def naive_thoughts(base, question_ids, start_id, latent_id, n):
+    """Continuous thoughts the slow way: the question, the start marker and n
+    latents through the naive reference (helpers.naive_forward: one full
+    pass per thought, each latent fed the final hidden state of the position
+    before it); the n fed vectors."""
+    input_ids = torch.tensor([question_ids + [start_id] + [latent_id] * n])
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "position_ids": torch.arange(input_ids.shape[1])[None],
+             "labels": input_ids}
+    _, _, embeds = naive_forward(base, batch, latent_id)
+    return list(embeds[0, len(question_ids) + 1 :])
 
 
 @torch.no_grad()
@@ -180,7 +180,7 @@ def test_inspect_matches_a_naive_recomputation(graph_setup, tmp_path):
     assert [s["idx"] for s in report["samples"]] == [0, 4]
     for sample in report["samples"]:
         data = raw[sample["idx"]]
-        expected = naive_thoughts(base, tokenizer.encode(data["question"] + "\n"), ids["<|start-latent|>"], 2)
+        expected = naive_thoughts(base, tokenizer.encode(data["question"] + "\n"), ids["<|start-latent|>"], ids["<|latent|>"], 2)
         assert len(sample["thoughts"]) == 2
         for got, thought in zip(sample["thoughts"], expected):
             top = torch.softmax(base.get_output_embeddings()(thought), dim=-1).topk(3)
@@ -252,7 +252,7 @@ def test_head_on_a_thought_equals_the_logits_before_it(arch, model_dirs):
     base = model.base_causallm
     thoughts, logits_before = analysis.capture_thoughts(model, batch, model.latent_token_id)
     assert thoughts.shape == (3, base.config.hidden_size)
-    for thought, expected in zip(thoughts, naive_thoughts(base, question, start, 3)):
+    for thought, expected in zip(thoughts, naive_thoughts(base, question, start, model.latent_token_id, 3)):
         assert torch.allclose(thought, expected, atol=1e-5)
     norm, words = analysis.head_reading(model)
     assert norm is None and "as fed" in words
@@ -345,6 +345,7 @@ def test_bad_input_one_line_nothing_written(case, argv, needle, graph_setup, tmp
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_command_line(graph_setup, tmp_path):
     root, config, checkpoint = graph_setup
     done = subprocess.run(

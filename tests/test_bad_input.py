@@ -55,7 +55,7 @@ def resumable_folder(tmp_path, weights=b"not a checkpoint", state=None):
 
 
 def real_checkpoint_bytes(model_dir, tmp_path):
-    from conftest import load_tokenizer_and_model
+    from helpers import load_tokenizer_and_model
 
     path = tmp_path / "plain.pt"
     torch.save(load_tokenizer_and_model(model_dir)[1].state_dict(), path)

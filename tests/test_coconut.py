@@ -1,6 +1,7 @@
 """The continuous-thought forward pass and generation (docs/behaviour.md sections 5, 6),
-pinned against naive references written here: latents filled one at a time
-with a full recomputation each time, and greedy decoding without a cache.
+pinned against naive references: latents filled one at a time with a full
+recomputation each time (helpers.naive_forward), and greedy decoding without
+a cache (written here).
 
 python -m pytest -q tests/test_coconut.py
 """
@@ -9,68 +10,10 @@ import copy
 
 import pytest
 import torch
-from conftest import load_tokenizer_and_model, make_samples
+from helpers import ARCHS, eval_prompts, mixed_batch, naive_forward, pick_eos, setup_model
 
 from coconut import MAX_N_LATENT, Coconut
-from dataset import MyCollator, get_cot_latent_dataset, get_dataset, get_question_latent_dataset
-from utils import Config
-
-ARCHS = ["gpt2", "llama", "qwen2"]
-TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
-
-
-def stage_config(**kw):
-    base = dict(c_thought=2, max_latent_stage=3, pad_latent_to_max=False, uniform_prob=0.0, no_cot=False)
-    return Config({**base, **kw})
-
-
-def setup_model(folder):
-    tokenizer, model = load_tokenizer_and_model(folder)
-    tokenizer.pad_token = tokenizer.eos_token
-    for t in TOKENS:
-        tokenizer.add_tokens(t)
-    model.resize_token_embeddings(len(tokenizer))
-    start, end, latent = (tokenizer.convert_tokens_to_ids(t) for t in TOKENS)
-    model.eval()  # no dropout: the two computations must see the same function
-    return tokenizer, model, (start, latent, end)
-
-
-def mixed_batch(tokenizer, ids, tmp_path, stages=(0, 1, 3, 2)):
-    """One collated training batch whose rows sit at different stages: rows
-    with no latents, with 2, 6 and 4 latents (c_thought 2)."""
-    import json
-
-    path = tmp_path / "mixed.json"
-    samples = make_samples(8, seed=7, max_steps=4)
-    samples = [s for s in samples if len(s["steps"]) >= 3][: len(stages)]
-    assert len(samples) == len(stages)
-    path.write_text(json.dumps(samples))
-    base = get_dataset(str(path), tokenizer)
-    start, latent, end = ids
-    rows = []
-    for sample, stage in zip(base, stages):
-        rows += get_cot_latent_dataset(stage, [sample], stage_config(), start, latent, end)
-    return MyCollator(tokenizer, latent_id=latent)(rows)
-
-
-def naive_forward(base, batch, latent_id):
-    """Fill the k-th latent of every row from a full pass over the sequence
-    as filled so far; then one full pass gives the logits."""
-    input_ids = batch["input_ids"]
-    embeds = base.get_input_embeddings()(input_ids)
-    columns = [(row == latent_id).nonzero().flatten().tolist() for row in input_ids]
-    common = dict(attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
-    for k in range(max(len(c) for c in columns)):
-        hidden = base(inputs_embeds=embeds, output_hidden_states=True, **common).hidden_states[-1]
-        shifted = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
-        mask = torch.zeros(input_ids.shape, dtype=torch.bool)
-        for row, cols in enumerate(columns):
-            if len(cols) > k:
-                mask[row, cols[k]] = True
-        embeds = torch.where(mask[..., None], shifted, embeds)
-    logits = base(inputs_embeds=embeds, **common).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
-    return loss, logits, embeds
+from dataset import MyCollator
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -165,21 +108,6 @@ def naive_generate(coconut, input_ids, max_new_tokens, eos):
                 break
             tokens.append(next_token)
     return tokens
-
-
-def eval_prompts(tokenizer, ids, data_dir, stage):
-    base = get_dataset(str(data_dir / "toy_valid.json"), tokenizer)
-    return get_question_latent_dataset(stage, base, stage_config(c_thought=1), *ids[:1], ids[1], ids[2])
-
-
-def pick_eos(coconut, prompts, collator):
-    """A token that some, not all, rows generate early: lets rows stop at
-    different steps without a trained model."""
-    outputs = [coconut.generate(collator([p])["input_ids"], collator([p])["attention_mask"], max_new_tokens=6)[0] for p in prompts]
-    # the first new token is always kept, so only later ones can stop a row
-    seen = [set(o[len(p["input_ids"]) + 1 :].tolist()) for o, p in zip(outputs, prompts)]
-    candidates = set.union(*seen)
-    return max(candidates, key=lambda t: (0 < sum(t in s for s in seen) < len(seen), -sum(t in s for s in seen)))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

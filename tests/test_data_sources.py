@@ -12,8 +12,7 @@ import re
 import datasets
 import pytest
 import torch
-from conftest import make_samples
-from test_run import config_for
+from helpers import config_for, make_samples
 
 import run as cli
 from dataset import get_dataset, load_samples

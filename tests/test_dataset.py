@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_tokenizer_and_model
+from helpers import load_tokenizer_and_model
 
 from dataset import MyCollator, get_cot_latent_dataset, get_dataset, get_question_latent_dataset
 from utils import Config, UserError

@@ -17,13 +17,14 @@ import shutil
 
 import pytest
 import torch
-from conftest import load_tokenizer_and_model, make_samples
-from test_run import run_cli, write_config
+from helpers import load_tokenizer_and_model, make_samples, run_cli, write_config
 
 import build
 import evaluation
 from dataset import MyCollator, get_dataset, get_question_latent_dataset
 from utils import load_config
+
+pytestmark = pytest.mark.slow  # every test here runs run.py under torchrun
 
 
 def equal_length_samples(tokenizer, n):

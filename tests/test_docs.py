@@ -15,7 +15,7 @@ import os
 import re
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from utils import CONFIG_KEYS, REQUIRED
 

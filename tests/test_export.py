@@ -10,13 +10,15 @@ import os
 
 import pytest
 import torch
-from test_run import config_for
+from helpers import config_for
 
 import analysis
 import build
 import run as cli
 from coconut import Coconut
 from dataset import MyCollator, get_dataset, get_question_latent_dataset
+
+pytestmark = pytest.mark.slow  # every test here reads the `trained` fixture's two-epoch run
 
 
 @pytest.fixture(scope="module")

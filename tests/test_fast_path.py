@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from test_coconut import ARCHS, eval_prompts, mixed_batch, pick_eos, setup_model
+from helpers import ARCHS, eval_prompts, mixed_batch, pick_eos, setup_model
 
 from coconut import Coconut, fast_path_unsupported
 from dataset import MyCollator
@@ -121,6 +121,7 @@ def test_fast_path_refuses_models_it_does_not_support(model_dirs):
     assert fast_path_unsupported(AutoModelForCausalLM.from_pretrained(model_dirs["llama"])) is None
 
 
+@pytest.mark.slow
 def test_compiled_fast_path_matches_eager(model_dirs, data_dir, tmp_path):
     """Inductor-compiled training passes and decoding step: the same values to
     tolerance, the same greedy tokens (one compilation each, about a minute)."""

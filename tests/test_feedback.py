@@ -1,9 +1,9 @@
 """Latent feedback variants of the Coconut wrapper (`latent_layer`,
 `latent_norm`, `latent_projection`): the defaults are the reference,
 each variant feeds back what it says (checked against the naive
-one-latent-at-a-time reference of tests/test_coconut.py with the variant
-applied), in training and in generation, and a projection run saves,
-resumes and refuses to load into a run without it.
+one-latent-at-a-time reference, helpers.naive_forward, given the variant's
+layer and transform), in training and in generation, and a projection run
+saves, resumes and refuses to load into a run without it.
 
 python -m pytest -q tests/test_feedback.py
 """
@@ -12,8 +12,7 @@ import copy
 
 import pytest
 import torch
-from test_coconut import mixed_batch, setup_model
-from test_run import checkpoints, run_cli, write_config
+from helpers import checkpoints, mixed_batch, naive_forward, run_cli, setup_model, write_config
 
 import build
 import run as cli
@@ -33,25 +32,6 @@ def wrap(model, tokenizer, ids, **kw):
 
 def inputs(batch):
     return {k: v for k, v in batch.items() if k != "idx"}
-
-
-def naive_variant(base, batch, latent_id, layer=-1, transform=lambda h: h):
-    """The naive reference with a feedback variant: the k-th latent of every
-    row gets transform(hidden_states[layer]) of the column before it, from a
-    full pass over the sequence as filled so far."""
-    input_ids = batch["input_ids"]
-    embeds = base.get_input_embeddings()(input_ids)
-    common = dict(attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
-    columns = [(row == latent_id).nonzero().flatten().tolist() for row in input_ids]
-    for k in range(max(len(c) for c in columns)):
-        hidden = base(inputs_embeds=embeds, output_hidden_states=True, **common).hidden_states[layer]
-        embeds = embeds.clone()
-        for row, cols in enumerate(columns):
-            if len(cols) > k:
-                embeds[row, cols[k]] = transform(hidden[row, cols[k] - 1][None])[0]
-    logits = base(inputs_embeds=embeds, **common).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
-    return loss, logits, embeds
 
 
 @pytest.fixture
@@ -104,7 +84,7 @@ def test_variant_matches_naive_reference(variant, gpt2):
     reference = copy.deepcopy(model)
     coconut = wrap(model, tokenizer, ids, **keywords)
     out = coconut(**inputs(batch))
-    ref_loss, ref_logits, ref_embeds = naive_variant(reference, batch, ids[1], layer, transform(reference))
+    ref_loss, ref_logits, ref_embeds = naive_forward(reference, batch, ids[1], layer, transform(reference))
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.logits[real], ref_logits[real], rtol=1e-4, atol=1e-5)
@@ -196,6 +176,7 @@ def test_latent_layer_out_of_range(gpt2, workspace, tmp_path, capsys, monkeypatc
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_projection_run_saves_resumes_and_guards_its_weights(workspace, tmp_path, monkeypatch, capsys):
     root, model_dir = workspace
     paths = dict(train_path=str(root / "train.json"), val_path=str(root / "valid.json"), save_path=str(tmp_path / "runs"))

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 import torch
-from test_run import config_for
+from helpers import config_for
 
 import dataset
 import run as cli

@@ -13,8 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
-from test_run import cli_env, write_config
+from helpers import REPO, cli_env, write_config
 
 import metrics
 
@@ -43,6 +42,7 @@ def graph_run(tmp_path_factory):
     return root / "runs" / "graph", done
 
 
+@pytest.mark.slow
 def test_metrics_file_of_a_real_run(graph_run):
     folder, done = graph_run
     records = metrics.read(folder / metrics.TRAIN_FILE)
@@ -65,6 +65,7 @@ def test_metrics_file_of_a_real_run(graph_run):
         assert f"stage {stage} (epoch {epoch}): {acc:.4f}" in done.stdout
 
 
+@pytest.mark.slow
 def test_plot_command_writes_pngs(graph_run, tmp_path):
     folder, _ = graph_run
     result = cli("metrics.py", folder, "--out", tmp_path / "plots")
@@ -76,6 +77,7 @@ def test_plot_command_writes_pngs(graph_run, tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
 
 
+@pytest.mark.slow
 def test_plot_inputs(graph_run):
     folder, _ = graph_run
     epochs = metrics.per_epoch(metrics.read(folder / metrics.TRAIN_FILE))

@@ -9,8 +9,7 @@ python -m pytest -q tests/test_models.py
 
 import pytest
 import torch
-from conftest import load_tokenizer_and_model
-from test_run import checkpoints, run_cli, write_config
+from helpers import checkpoints, load_tokenizer_and_model, run_cli, write_config
 
 import build
 import distributed
@@ -49,6 +48,7 @@ def test_weights_load_in_float32(model_dirs, tmp_path):
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_coconut_run_one_process(arch, model_dirs, workspace, tmp_path):
     config = run_config(workspace, tmp_path, arch, model_dirs, arch)
@@ -64,6 +64,7 @@ def test_coconut_run_one_process(arch, model_dirs, workspace, tmp_path):
     assert any(not torch.equal(first[k], state[k]) for k in state)  # it trained
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_coconut_run_two_processes(arch, model_dirs, workspace, tmp_path):
     config = run_config(workspace, tmp_path, arch, model_dirs, f"pair-{arch}", latent_projection=True)

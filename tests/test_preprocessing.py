@@ -2,42 +2,16 @@
 ProntoQA, called as functions and as CLIs. No network; small files in tmp_path.
 """
 
-import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load(name):
-    # By path: preprocessing/ holds scripts, not a package.
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "preprocessing", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from helpers import assert_one_line_error
+from helpers import load_preprocessing as load
+from helpers import preprocessing_cli as cli
 
 gsm = load("gsm_icot")
 pqa = load("prontoqa")
-
-
-def cli(script, *args):
-    return subprocess.run(
-        [sys.executable, f"preprocessing/{script}", *map(str, args)], cwd=REPO, capture_output=True, text=True
-    )
-
-
-def assert_one_line_error(result, *needles):
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0]
 
 
 GSM_LINES = [

@@ -14,11 +14,11 @@ import re
 
 import pytest
 import yaml
+from helpers import REPO
 from packaging.requirements import Requirement
 
 from utils import load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("quickstart.yaml", "quickstart_nocot.yaml", "quickstart_cot.yaml")
 
 
@@ -107,6 +107,7 @@ def test_constraints_pin_every_requirement_within_its_range():
         assert requirement.specifier.contains(spec.version), f"{name}=={spec.version} is outside {requirement.specifier}"
 
 
+@pytest.mark.slow
 def test_seeds_script_runs_and_prints_the_table(tmp_path, capsys):
     """Seed 1 on one thread, Coconut and No-CoT, two epochs of two batches:
     the recipe's own data and model are made, both runs train, and the table

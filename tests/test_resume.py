@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from test_run import checkpoints, cli_env, config_for, run_cli, write_config
+from helpers import checkpoints, cli_env, config_for, run_cli, write_config
 
 import build
 import evaluation
@@ -50,6 +50,7 @@ def descendants(pid):
     return [int(c) for c in children] + [d for c in children for d in descendants(int(c))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("torchrun", [False, True], ids=["1-process", "2-processes"])
 def test_killed_mid_epoch_and_restarted_equals_uninterrupted(torchrun, workspace, tmp_path):
     root, model_dir = workspace

@@ -7,57 +7,22 @@ python -m pytest -q tests/test_run.py
 """
 
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
-from conftest import REPO
+from helpers import checkpoints, config_for, run_cli, write_config
 
 import build
 import evaluation
 import metrics
 import run as cli
 import train
-from checkpoints import complete_checkpoints
 from coconut import Coconut
 from utils import UserError, load_config
 
 
-def write_config(root, model_dir, name, **kw):
-    values = dict(
-        project="coconut-test", save_path=str(root / "runs"), name=name, coconut=True, c_thought=1,
-        epochs_per_stage=1, max_latent_stage=2, pad_latent_to_max=True, model_id=model_dir,
-        train_path=str(root / "train.json"), val_path=str(root / "valid.json"), reset_optimizer=True,
-        batch_size_training=8, num_epochs=3, lr=1e-3,
-    )
-    values.update(kw)
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return str(path)
-
-
-def cli_env(tmp_path, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
-    # no login: the run must log offline and say so, never wait for one
-    env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def run_cli(args, tmp_path, torchrun=False, timeout=600, **env):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    return subprocess.run(launcher + [os.path.join(REPO, "run.py")] + args, capture_output=True, text=True,
-                          env=cli_env(tmp_path, **env), cwd=tmp_path, timeout=timeout)
-
-
-def checkpoints(root, name):
-    """Complete checkpoint names (weights files) of a run folder, oldest first."""
-    return complete_checkpoints(str(root / "runs" / name))
-
-
+@pytest.mark.slow
 def test_coconut_run_resume_and_eval(workspace, tmp_path):
     root, model_dir = workspace
     config = write_config(root, model_dir, "single")
@@ -85,6 +50,7 @@ def test_coconut_run_resume_and_eval(workspace, tmp_path):
     assert "Training Epoch" not in evaluated.stderr and checkpoints(root, "single-eval") == []
 
 
+@pytest.mark.slow
 def test_warm_start_from_another_run_takes_its_weights_only(workspace, tmp_path):
     """A CoT checkpoint starting a Coconut run in another folder (the
     quickstart's chain): the weights load, the `.state` beside them (best
@@ -107,6 +73,7 @@ def test_warm_start_from_another_run_takes_its_weights_only(workspace, tmp_path)
     assert started["wandb_id"] and started["wandb_id"] != state["wandb_id"]
 
 
+@pytest.mark.slow
 def test_train_samples_trains_on_the_start_of_the_file(workspace, tmp_path):
     root, model_dir = workspace
     config = write_config(root, model_dir, "subset", coconut=False, cot=True, num_epochs=1, batch_size_training=1, train_samples=2)
@@ -116,6 +83,7 @@ def test_train_samples_trains_on_the_start_of_the_file(workspace, tmp_path):
     assert len(json.loads((root / "train.json").read_text())) > 2
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun(workspace, tmp_path):
     root, model_dir = workspace
     config = write_config(root, model_dir, "pair", num_epochs=2, batch_size_eval=2)
@@ -136,6 +104,7 @@ def test_two_processes_with_torchrun(workspace, tmp_path):
     assert "/ 5 = " in evaluated.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_plain_cot_model(workspace, tmp_path):
     """A sharded plain LM (the root shard unit is the HF model itself) trains
     and generates in batches on two ranks."""
@@ -163,6 +132,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", BAD_INPUTS)
 def test_bad_input_one_line_no_traceback_nothing_written(change, message, workspace, tmp_path):
     root, model_dir = workspace
@@ -188,14 +158,7 @@ def test_missing_config_file(tmp_path):
     assert done.returncode == 2 and "config file not found" in done.stderr and "Traceback" not in done.stderr
 
 
-# ------------------------------------------------------ in-process set-up
-def config_for(workspace, folder, name, **kw):
-    """A loaded config written in `folder`, reading the workspace's data."""
-    root, model_dir = workspace
-    paths = dict(train_path=str(root / "train.json"), val_path=str(root / "valid.json"), save_path=str(folder / "runs"))
-    return load_config(write_config(folder, model_dir, name, **{**paths, **kw}))
-
-
+# ------------------------------------------------------ in-process runs
 def test_checkpoint_loading_cases(workspace, tmp_path):
     root, model_dir = workspace
     # a CoT-style (plain) checkpoint: keys without base_causallm.

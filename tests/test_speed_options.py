@@ -12,9 +12,9 @@ import os
 import re
 import sys
 
+import pytest
 import torch
-from conftest import REPO
-from test_run import checkpoints, cli_env, config_for, write_config
+from helpers import REPO, checkpoints, cli_env, config_for, write_config
 
 import build
 import run as cli
@@ -30,6 +30,7 @@ def weights(tmp_path, name, checkpoint):
     return torch.load(tmp_path / "runs" / name / checkpoint, weights_only=True)
 
 
+@pytest.mark.slow
 def test_sync_every_logs_and_saves_what_every_batch_would(workspace, tmp_path, capsys):
     runs = {}
     for sync_every in (1, 4):
@@ -72,6 +73,7 @@ sys.exit(run.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_non_finite_loss_on_one_rank_stops_both_at_the_next_sync(workspace, tmp_path):
     """Rank 1 alone diverges at its third batch; neither rank checks until
     the end of the epoch, where both stop with the same message and nothing
@@ -142,6 +144,7 @@ def test_tf32_only_when_asked_for():
         matmul.fp32_precision = before
 
 
+@pytest.mark.slow
 def test_run_benchmark_reads_the_steps_per_second_run_py_prints(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_run", os.path.join(REPO, "benchmarks", "bench_run.py"))
     bench = importlib.util.module_from_spec(spec)

@@ -7,7 +7,9 @@ import json
 import re
 
 import pytest
-from test_preprocessing import assert_one_line_error, cli, load
+from helpers import assert_one_line_error
+from helpers import load_preprocessing as load
+from helpers import preprocessing_cli as cli
 
 tasks = load("tasks")
 tiny_model = load("tiny_model")
