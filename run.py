@@ -9,7 +9,6 @@ tokens, optimizer), distributed (process group, wrapping), checkpoints,
 train, evaluation and metrics (wandb and the metrics file).
 """
 
-import argparse
 import sys
 
 import torch.distributed as dist
@@ -21,7 +20,7 @@ import evaluation
 import metrics
 import train
 from dataset import MyCollator, data_options, get_cot_latent_dataset, get_dataset, get_question_latent_dataset, load_samples, stage_for_epoch
-from utils import UserError, is_main_process, load_config, print0, set_seed
+from utils import ArgumentParser, UserError, is_main_process, load_config, print0, set_seed
 
 
 def load_data(configs):
@@ -105,13 +104,8 @@ def run(configs, rank, world, device):
     distributed.barrier()
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like every other user error
-        raise UserError(f"command line: {message} (usage: run.py CONFIG.yaml [key=value ...])")
-
-
 def parse_args(argv):
-    parser = ArgumentParser(description="Train or evaluate a Coconut model.")
+    parser = ArgumentParser(description="Train or evaluate a Coconut model.", usage_line="run.py CONFIG.yaml [key=value ...]")
     parser.add_argument("config_file", help="YAML run config (see args/)")
     parser.add_argument("overrides", nargs="*", help="key=value pairs that override the config")
     return parser.parse_args(argv)
