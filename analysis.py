@@ -34,7 +34,6 @@ process, on the GPU if there is one. Bad input gives one line `error: ...`
 and exit status 2, with nothing written.
 """
 
-import argparse
 import io
 import json
 import os
@@ -51,7 +50,7 @@ import evaluation
 import metrics
 from coconut import EXPORT_FILE, FEEDBACK_OPTIONS, PROJECTION_FILE
 from dataset import MyCollator, data_options, get_dataset, get_question_latent_dataset, load_samples, stage_for_epoch
-from utils import Config, UserError, load_config, run_folder
+from utils import ArgumentParser, Config, UserError, load_config, run_folder
 
 COMMANDS = ("sweep", "inspect", "export")
 USAGE = "analysis.py {sweep,inspect} CONFIG.yaml [key=value ...] [options], or analysis.py export RUN_OR_CHECKPOINT --out DIR"
@@ -59,13 +58,8 @@ GRAPH_KEYS = ("idx_to_symbol", "edges", "root")
 
 
 # ---------------------------------------------------------------- command line
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, as run.py
-        raise UserError(f"command line: {message} (usage: {USAGE})")
-
-
 def command_parser(command):
-    parser = ArgumentParser(prog=f"analysis.py {command}", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=f"analysis.py {command}", description=__doc__.split("\n\n")[0], usage_line=USAGE)
     if command == "export":
         parser.add_argument("target", help="a run folder (its newest checkpoint) or a checkpoint file")
         parser.add_argument("--out", required=True, help="folder to write (new, or empty)")
@@ -197,7 +191,7 @@ def evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n_thoughts, 
     outputs = []
     for idx, text, n_new in records:
         prediction = evaluation.extract_answer(text)
-        correct = prediction == raw[idx]["answer"].replace(",", "").strip()
+        correct = prediction == evaluation.normalise_answer(raw[idx]["answer"])
         outputs.append({"idx": idx, "prediction": prediction, "correct": correct, "generated_tokens": n_new})
     latent_tokens = [s["input_ids"].count(ids["<|latent|>"]) for s in dataset]
     return {

@@ -6,8 +6,9 @@ restores.
 `checkpoint_<N>` holds the weights after epoch N (counted from 1) in the
 reference state-dict format, so old and new code load each other's.
 `partial_<N>_<B>` holds them mid-epoch: epoch N in progress, B batches done.
-Each has a `<name>.state` beside it (optimizer, position, RNG, best
-accuracy, config, wandb run id), written first; the weights are renamed into
+Each has a `<name>.state` beside it (the TrainingState below: position,
+optimizer steps, best accuracy, wandb run id; and the optimizer, RNG and
+config), written first; the weights are renamed into
 place last, so a checkpoint whose weights file exists is complete.
 
 Every file here loads with `torch.load(weights_only=True)`: tensors, numbers,
@@ -17,6 +18,7 @@ array (the RNG state) that only a full unpickling reads; `read_state` opens
 them only when asked to (`legacy_state_files`).
 """
 
+import dataclasses
 import gc
 import os
 import pickle
@@ -174,6 +176,57 @@ def load_optimizer_state(module, optimizer, saved):
 
 
 # ------------------------------------------------------- a run's checkpoints
+@dataclasses.dataclass
+class TrainingState:
+    """Where a run stands: saved in every checkpoint's .state (as plain
+    numbers and strings, beside the optimizer and RNG states) and restored
+    by a resume from a checkpoint of the same run."""
+
+    epoch: int = 0  # the next epoch to train, from 0 (after epoch e ends: e + 1)
+    batches_done: int = 0  # batches of that epoch already trained (a mid-epoch checkpoint)
+    optimizer_steps: int = 0  # optimizer steps since the run began (0 in .state files before 2026-12-05)
+    best_acc: float = 0.0  # best validation accuracy so far
+    best_name: str | None = None  # the checkpoint holding it
+    wandb_id: str | None = None  # the wandb run this run logs to
+
+    def state_dict(self):
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, saved):
+        """The fields a saved state holds (older files lack some; they keep
+        their current values)."""
+        for field in dataclasses.fields(self):
+            if field.name in saved:
+                setattr(self, field.name, saved[field.name])
+
+    def checkpoint_name(self):
+        """The name of a checkpoint taken now: checkpoint_<epochs done> at an
+        epoch's end, partial_<epoch>_<batches> within one."""
+        return name_for(self.epoch - 1) if self.batches_done == 0 else name_for(self.epoch, self.batches_done)
+
+
+class SavePolicy:
+    """When a run saves, decided here only: never in a debug run; at every
+    epoch end, or with save_only_improve only after an evaluation that beats
+    the best accuracy; and within an epoch every save_every_steps optimizer
+    steps of it (not at its last batch, where the epoch-end rule applies)."""
+
+    def __init__(self, configs):
+        self.configs = configs
+        self.enabled = not configs.debug
+
+    @staticmethod
+    def mid_epoch(configs, steps_in_epoch, last_batch):
+        every = configs.save_every_steps
+        return bool(every) and steps_in_epoch % every == 0 and not last_batch
+
+    def after_training(self):
+        return self.enabled and not self.configs.save_only_improve
+
+    def after_evaluation(self, improved):
+        return self.enabled and self.configs.save_only_improve and improved
+
+
 def find_resume_checkpoint(configs):
     """Step 1: a folder with checkpoints means a preempted run: resume from the
     newest complete one (ignoring the given `resume`). Returns the number of
@@ -202,18 +255,18 @@ def gather_rng_states():
     return states
 
 
-def save_checkpoint(parallel, optimizer, configs, progress, epoch, batches_done=0):
+def save_checkpoint(parallel, optimizer, configs, state):
     """Weights in the reference format, and beside them what continuing
-    needs. Collective: call it on every rank."""
+    needs: the TrainingState `state`, the optimizer and every rank's RNG.
+    Collective: call it on every rank."""
     weights = full_state_dict(parallel)
     optim = optimizer_state(parallel, optimizer) if optimizer is not None else None
     rng = gather_rng_states()
-    name = name_for(epoch, batches_done)
+    name = state.checkpoint_name()
     if is_main_process():
-        state = dict(progress, epoch=epoch + (batches_done == 0), batches_done=batches_done,
-                     optimizer=optim, rng=rng, config=dict(configs))
-        write(run_folder(configs), name, weights, state)
-        prune(run_folder(configs), configs.keep_last, keep={progress.get("best_name")})
+        saved = dict(state.state_dict(), optimizer=optim, rng=rng, config=dict(configs))
+        write(run_folder(configs), name, weights, saved)
+        prune(run_folder(configs), configs.keep_last, keep={state.best_name})
         print(f"saving model to {os.path.join(run_folder(configs), name)}", flush=True)
     barrier()
     del weights, optim
@@ -225,18 +278,19 @@ def in_run_folder(path, configs):
     return os.path.dirname(os.path.abspath(path)) == os.path.abspath(run_folder(configs))
 
 
-def restore_progress(configs, parallel, optimizer, rank):
-    """The training state saved beside the weights being resumed: best
-    accuracy, wandb run id, RNG, and the optimizer (unless a fresh one is due
-    anyway). A weights-only (reference) checkpoint restores nothing, and so
-    does one from another run's folder: a warm start (a CoT checkpoint
-    starting a Coconut run) takes its weights only, as the reference does,
-    and is a run of its own."""
-    progress = {"best_acc": 0.0, "best_name": None, "wandb_id": None}
+def restore(configs, parallel, optimizer, rank, state):
+    """What was saved beside the weights being resumed: the TrainingState
+    (best accuracy and its checkpoint, wandb run, optimizer steps; loaded
+    into `state`), this rank's RNG, and the optimizer (unless a fresh one is
+    due anyway); returns the optimizer. A weights-only (reference)
+    checkpoint restores nothing, and so does one from another run's folder:
+    a warm start (a CoT checkpoint starting a Coconut run) takes its weights
+    only, as the reference does, and is a run of its own. The position
+    (epoch, batches done) comes from the checkpoint's name, found before."""
     if configs.load_model_path == "None" or configs.only_eval or not in_run_folder(configs.load_model_path, configs):
-        return progress, optimizer
+        return optimizer
     try:
-        state = read_state(configs.load_model_path, allow_pickle=configs.legacy_state_files)
+        saved = read_state(configs.load_model_path, allow_pickle=configs.legacy_state_files)
     except UnsafeStateFile:
         raise UserError(
             f"{configs.load_model_path}.state: holds objects that safe loading refuses (a file from before 2026-12-05, "
@@ -244,19 +298,20 @@ def restore_progress(configs, parallel, optimizer, rank):
         ) from None
     except Exception as e:  # a corrupt side file must not be half-used
         raise UserError(f"{configs.load_model_path}.state: not a readable training state ({type(e).__name__})") from None
-    if state is None:
-        return progress, optimizer
-    progress.update({k: state[k] for k in progress if k in state})
-    rngs = state["rng"]
+    if saved is None:
+        return optimizer
+    state.load_state_dict({k: saved[k] for k in ("optimizer_steps", "best_acc", "best_name", "wandb_id") if k in saved})
+    rngs = saved["rng"]
     restore_rng(rngs[rank] if rank < len(rngs) else rngs[0])
-    if state["optimizer"] is not None and (state["batches_done"] or not configs.reset_optimizer):
+    if saved["optimizer"] is not None and (saved["batches_done"] or not configs.reset_optimizer):
         optimizer = optimizer or build.build_optimizer(parallel, configs)
-        load_optimizer_state(parallel, optimizer, state["optimizer"])
-    return progress, optimizer
+        load_optimizer_state(parallel, optimizer, saved["optimizer"])
+    return optimizer
 
 
 def save_resolved_config(configs):
-    """The config as run (defaults and overrides applied), beside the """
+    """The config as run (defaults and overrides applied), beside the
+    checkpoints."""
     if is_main_process() and not configs.debug and not configs.only_eval:
         import yaml
 

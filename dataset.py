@@ -379,13 +379,17 @@ def encode_all(tokenizer, texts, special):
     return tokenizer(texts, add_special_tokens=special)["input_ids"]
 
 
+def sample_text(sample):
+    """A sample's whole text as the model reads it at stage 0: question +
+    "\\n" + "\\n".join(steps) + "\\n### " + answer (docs/behaviour.md
+    section 2), written so that a sample with no steps gains no stray "\\n"."""
+    return sample["question"] + "\n" + "".join(step + "\n" for step in sample["steps"]) + "### " + sample["answer"]
+
+
 def check_token_boundaries(path, raw, sample, tokenizer):
     """The pieces must tokenise like the whole text, or removing steps would
     change the tokens around them."""
-    # docs/behaviour.md's question + "\n" + "\n".join(steps) + "\n### " + answer, written
-    # so that a sample with no steps does not gain a stray "\n"
-    whole = raw["question"] + "\n" + "".join(s + "\n" for s in raw["steps"]) + "### " + raw["answer"]
-    expected = tokenizer.encode(whole) + [tokenizer.eos_token_id]
+    expected = tokenizer.encode(sample_text(raw)) + [tokenizer.eos_token_id]
     pieces = (
         sample["question_tokenized"]
         + list(itertools.chain.from_iterable(sample["steps_tokenized"]))

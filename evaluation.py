@@ -17,8 +17,14 @@ def max_new_tokens(configs):
     return 64 if "gsm" in configs.val_path else 128
 
 
+def normalise_answer(text):
+    """An answer as compared: commas dropped (1,000 is 1000), outer spaces stripped."""
+    return text.replace(",", "").strip()
+
+
 def extract_answer(text):
-    return text.split("#")[-1].replace(",", "").strip()
+    """The generated answer: the text after the last #, normalised."""
+    return normalise_answer(text.split("#")[-1])
 
 
 def extract_cot(text):
@@ -66,7 +72,7 @@ def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank,
                 text = tokenizer.decode(output, skip_special_tokens=True)
                 if records is not None:
                     records.append((sample_idx, text, len(output) - prompt_length))
-                answer = sample["answer"].replace(",", "").strip()
+                answer = normalise_answer(sample["answer"])
                 correct[0] += extract_answer(text) == answer
                 correct[1] += extract_cot(text) == "\n".join(sample["steps"])
                 correct[2] += 1

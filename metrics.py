@@ -269,16 +269,17 @@ class Logger:
             self.metrics_log.close()
 
 
-def open_logger(configs, progress, first_batch):
-    """The main process's Logger; a resumed run continues its wandb run and
-    its metrics file from the point it resumes at."""
+def open_logger(configs, state):
+    """The main process's Logger; a resumed run continues its wandb run
+    (recorded in the TrainingState `state`) and its metrics file from the
+    point it resumes at."""
     if not is_main_process():
         return Logger()
     wandb_run = None
     if not configs.debug and not configs.only_eval:
-        wandb_run = init_wandb(configs, progress["wandb_id"])
-        progress["wandb_id"] = wandb_run.id
-    start = (configs.resume, first_batch)
+        wandb_run = init_wandb(configs, state.wandb_id)
+        state.wandb_id = wandb_run.id
+    start = (state.epoch, state.batches_done)
     return Logger(wandb_run, MetricsLog(run_folder(configs), start, only_eval=configs.only_eval))
 
 

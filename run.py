@@ -9,8 +9,6 @@ tokens, optimizer), distributed (process group, wrapping), checkpoints,
 train, evaluation and metrics (wandb and the metrics file).
 """
 
-import argparse
-import functools
 import sys
 
 import torch.distributed as dist
@@ -22,7 +20,7 @@ import evaluation
 import metrics
 import train
 from dataset import MyCollator, data_options, get_cot_latent_dataset, get_dataset, get_question_latent_dataset, load_samples, stage_for_epoch
-from utils import UserError, is_main_process, load_config, print0, set_seed
+from utils import ArgumentParser, UserError, is_main_process, load_config, print0, set_seed
 
 
 def load_data(configs):
@@ -37,7 +35,7 @@ def load_data(configs):
 
 def run(configs, rank, world, device):
     set_seed(configs.seed)
-    first_batch = checkpoints.find_resume_checkpoint(configs)
+    batches_done = checkpoints.find_resume_checkpoint(configs)
     raw_val = load_data(configs)
     model, tokenizer, ids = build.build_model(configs)
     parallel = distributed.wrap_model(model, configs, world, device)
@@ -52,14 +50,20 @@ def run(configs, rank, world, device):
     new_tokens = evaluation.max_new_tokens(configs)
     markerless = configs.cot or configs.no_cot or configs.no_thoughts
 
+    state = checkpoints.TrainingState(epoch=configs.resume, batches_done=batches_done)
+    policy = checkpoints.SavePolicy(configs)
     optimizer = None if configs.reset_optimizer else build.build_optimizer(parallel, configs)
-    progress, optimizer = checkpoints.restore_progress(configs, parallel, optimizer, rank)
+    optimizer = checkpoints.restore(configs, parallel, optimizer, rank, state)
     checkpoints.save_resolved_config(configs)
-    logger = metrics.open_logger(configs, progress, first_batch)
+    logger = metrics.open_logger(configs, state)
     collator = MyCollator(tokenizer, latent_id=latent_id, label_pad_token_id=-100)
-    saving = not configs.debug
+
+    def save(batches_done=0):
+        state.batches_done = batches_done
+        checkpoints.save_checkpoint(parallel, optimizer, configs, state)
 
     for epoch in range(configs.resume, configs.num_epochs):
+        state.epoch = epoch
         stage = stage_for_epoch(configs, epoch)
         gen_set = get_question_latent_dataset(stage, base_valid, configs, start_id, latent_id, end_id, no_special_marker=markerless)
         if not configs.only_eval:
@@ -69,14 +73,14 @@ def run(configs, rank, world, device):
                 no_special_marker=markerless, shuffle=True, seed=configs.seed * 100003 + epoch,
             )
             loss_set = get_cot_latent_dataset(stage, base_valid, configs, start_id, latent_id, end_id, no_special_marker=markerless)
-            if configs.reset_optimizer and (first_batch == 0 or optimizer is None):
+            if configs.reset_optimizer and (state.batches_done == 0 or optimizer is None):
                 optimizer = build.build_optimizer(parallel, configs)
-            batches = train.epoch_batches(train_set, configs, collator, rank, world, device, skip=first_batch)
-            save_partial = functools.partial(checkpoints.save_checkpoint, parallel, optimizer, configs, progress, epoch) if saving else None
-            per_epoch = train.train_epoch(parallel, optimizer, batches, configs, epoch, stage, device, logger, tokenizer, first_batch, save_partial)
-            first_batch = 0
-            if not configs.save_only_improve and saving:
-                checkpoints.save_checkpoint(parallel, optimizer, configs, progress, epoch)
+            batches = train.epoch_batches(train_set, configs, collator, rank, world, device, batches_done=state.batches_done)
+            per_epoch = train.train_epoch(parallel, optimizer, batches, configs, epoch, stage, device, logger, tokenizer,
+                                          state.batches_done, save if policy.enabled else None, state)
+            state.epoch, state.batches_done = epoch + 1, 0
+            if policy.after_training():
+                save()
             val_loss = train.validation_loss(parallel, train.epoch_batches(loss_set, configs, collator, rank, world, device), world, device, configs)
             print0(f"eval loss {val_loss}")
             logger.log({"eval/loss": val_loss}, stage, epoch + 1, (epoch + 1) * per_epoch)
@@ -88,10 +92,11 @@ def run(configs, rank, world, device):
         logger.log({"eval/acc": acc, "eval/cot_em": cot_em}, stage, epoch + 1, steps_done)
         if configs.only_eval:
             break
-        if acc > progress["best_acc"]:
-            progress.update(best_acc=acc, best_name=checkpoints.name_for(epoch))
-            if configs.save_only_improve and saving:
-                checkpoints.save_checkpoint(parallel, optimizer, configs, progress, epoch)
+        improved = acc > state.best_acc
+        if improved:
+            state.best_acc, state.best_name = acc, checkpoints.name_for(epoch)
+        if policy.after_evaluation(improved):
+            save()
     metrics.print_stage_summary(logger)
     logger.close()
     # every rank reaches the process group's teardown together: a rank that
@@ -99,13 +104,8 @@ def run(configs, rank, world, device):
     distributed.barrier()
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like every other user error
-        raise UserError(f"command line: {message} (usage: run.py CONFIG.yaml [key=value ...])")
-
-
 def parse_args(argv):
-    parser = ArgumentParser(description="Train or evaluate a Coconut model.")
+    parser = ArgumentParser(description="Train or evaluate a Coconut model.", usage_line="run.py CONFIG.yaml [key=value ...]")
     parser.add_argument("config_file", help="YAML run config (see args/)")
     parser.add_argument("overrides", nargs="*", help="key=value pairs that override the config")
     return parser.parse_args(argv)

@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from build import precision
+from checkpoints import SavePolicy
 from distributed import all_reduce_max_tensor, all_reduce_sum, as_coconut, barrier, is_sharded
 from utils import is_main_process, print0
 
@@ -18,9 +19,9 @@ def train_size(configs):
     return min(size, 5000) if configs.debug else size
 
 
-def epoch_batches(dataset, configs, collator, rank, world, device, skip=0):
-    """This rank's batches of a dataset, in the same order on every run, from
-    batch `skip` on (a mid-epoch resume)."""
+def epoch_batches(dataset, configs, collator, rank, world, device, batches_done=0):
+    """This rank's batches of a dataset, in the same order on every run,
+    after the first `batches_done` (a mid-epoch resume)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     indices = list(DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False))
@@ -29,7 +30,7 @@ def epoch_batches(dataset, configs, collator, rank, world, device, skip=0):
     workers = 1 if device.type == "cuda" else 0
     # its own generator: a loader draws a seed when iterated, and drawing it
     # from the global RNG would shift dropout after a mid-epoch resume
-    return DataLoader(dataset, batch_size=configs.batch_size_training, sampler=indices[skip * configs.batch_size_training :],
+    return DataLoader(dataset, batch_size=configs.batch_size_training, sampler=indices[batches_done * configs.batch_size_training :],
                       collate_fn=collator, num_workers=workers, pin_memory=workers > 0, generator=torch.Generator())
 
 
@@ -74,67 +75,74 @@ class PendingLosses:
     def __init__(self, configs, epoch, total, stage, logger, pbar):
         self.configs, self.epoch, self.total, self.stage = configs, epoch, total, stage
         self.logger, self.pbar = logger, pbar
-        self.steps, self.losses, self.times = [], [], []
+        self.batch_indices, self.losses, self.times = [], [], []
 
-    def add(self, step, loss):
-        self.steps.append(step)
+    def add(self, batch_index, loss):
+        self.batch_indices.append(batch_index)
         self.losses.append(loss.detach().float())
         self.times.append(time.monotonic())
 
     def __len__(self):
-        return len(self.steps)
+        return len(self.batch_indices)
 
     def flush(self):
-        if not self.steps:
+        if not self.batch_indices:
             return
         losses = torch.stack(self.losses)
         bad = all_reduce_max_tensor((~torch.isfinite(losses)).int())
         values, bad = losses.tolist(), bad.tolist()  # the host sync
-        steps, times, self.steps, self.losses, self.times = self.steps, self.times, [], [], []
+        indices, times = self.batch_indices, self.times
+        self.batch_indices, self.losses, self.times = [], [], []
         epoch, total = self.epoch, self.total
-        for step, value, not_finite, when in zip(steps, values, bad, times):
+        for batch_index, value, not_finite, when in zip(indices, values, bad, times):
             if not_finite:  # on some rank: every rank stops at this flush
-                raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}, batch {step}: stopping without saving")
+                raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}, batch {batch_index}: stopping without saving")
             full_loss = value * self.configs.gradient_accumulation_steps
-            row = {"train/epoch": epoch + 1, "train/step": epoch * total + step, "train/loss": full_loss}
-            self.logger.log(row, self.stage, epoch + 1, epoch * total + step, when=when, batch=step)
-        self.pbar.set_description(f"Training Epoch: {epoch + 1}/{self.configs.num_epochs}, batch {steps[-1]}/{total} (loss: {full_loss:.4f})")
+            # train/step counts batches since the run began (the reference's step)
+            step = epoch * total + batch_index
+            row = {"train/epoch": epoch + 1, "train/step": step, "train/loss": full_loss}
+            self.logger.log(row, self.stage, epoch + 1, step, when=when, batch=batch_index)
+        self.pbar.set_description(f"Training Epoch: {epoch + 1}/{self.configs.num_epochs}, batch {indices[-1]}/{total} (loss: {full_loss:.4f})")
 
 
-def train_epoch(parallel, optimizer, batches, configs, epoch, stage, device, logger, tokenizer, first=0, save=None):
-    """One pass over `batches`, which start at batch `first` of the epoch.
-    `save(batches_done)` is called every `save_every_steps` optimizer steps.
-    Losses are read (logged, checked) every `sync_every` batches and before
-    every save, so a diverged state is never saved. Returns the number of
-    batches in the whole epoch."""
+def train_epoch(parallel, optimizer, batches, configs, epoch, stage, device, logger, tokenizer, batches_done=0, save=None, state=None):
+    """One pass over `batches`, which follow the first `batches_done` of the
+    epoch. `save(batches_done)` is called where SavePolicy.mid_epoch says;
+    `state` (a TrainingState), if given, counts the optimizer steps. Losses
+    are read (logged, checked) every `sync_every` batches and before every
+    save, so a diverged state is never saved. Returns the number of batches
+    in the whole epoch."""
     parallel.train()
     accumulate = configs.gradient_accumulation_steps
-    total = first + len(batches)
-    pbar = tqdm(total=total // accumulate, initial=first // accumulate, desc=f"Training Epoch: {epoch + 1}",
+    total = batches_done + len(batches)
+    pbar = tqdm(total=total // accumulate, initial=batches_done // accumulate, desc=f"Training Epoch: {epoch + 1}",
                 unit="step", disable=not is_main_process(), dynamic_ncols=True)
     pending = PendingLosses(configs, epoch, total, stage, logger, pbar)
     coconut = as_coconut(parallel)
     min_passes = passes_in_step(parallel, getattr(batches, "dataset", None))
     started = time.perf_counter()
     try:
-        for step, batch in enumerate(batches, start=first):
-            if step == 0:
+        for batch_index, batch in enumerate(batches, start=batches_done):
+            if batch_index == 0:
                 logger.batch_table(batch, tokenizer, epoch * total)
             with precision(configs, device):
                 loss = parallel(**model_inputs(batch, device, coconut, min_passes)).loss / accumulate
-            pending.add(step, loss)
+            pending.add(batch_index, loss)
             loss.backward()
             saving = False
-            if (step + 1) % accumulate == 0 or step == total - 1:
+            last_batch = batch_index == total - 1
+            if (batch_index + 1) % accumulate == 0 or last_batch:
                 optimizer.step()
                 optimizer.zero_grad()
                 pbar.update(1)
-                n_steps = (step + 1) // accumulate
-                saving = bool(save and configs.save_every_steps and n_steps % configs.save_every_steps == 0 and step < total - 1)
-            if saving or len(pending) >= configs.sync_every or step == total - 1:
+                if state is not None:
+                    state.optimizer_steps += 1
+                steps_in_epoch = (batch_index + 1) // accumulate
+                saving = save is not None and SavePolicy.mid_epoch(configs, steps_in_epoch, last_batch)
+            if saving or len(pending) >= configs.sync_every or last_batch:
                 pending.flush()
             if saving:
-                save(step + 1)
+                save(batch_index + 1)
     finally:
         pbar.close()  # ends the bar's line, also before an error message
     report_speed(epoch, len(batches), accumulate, time.perf_counter() - started)  # the last flush waited for the device

@@ -1,6 +1,7 @@
 """Small helpers shared by the other modules: the typed run config (`Config`,
 `load_config`), seeding, the user-error type, and main-process printing."""
 
+import argparse
 import difflib
 import os
 import random
@@ -20,6 +21,18 @@ SAMPLE_FIELDS = ("question", "answer", "steps")
 class UserError(Exception):
     """A mistake in the user's input (config, data, paths). run.py prints it as
     one line, without a traceback, and exits non-zero."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are a UserError: one line and exit status 2,
+    like every other user mistake. `usage` is shown in the message."""
+
+    def __init__(self, *args, usage_line, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.usage_line = usage_line
+
+    def error(self, message):
+        raise UserError(f"command line: {message} (usage: {self.usage_line})")
 
 
 class Config(dict):

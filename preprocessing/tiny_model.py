@@ -26,8 +26,10 @@ ACTIVATIONS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "relu", "silu")
 
 def corpus(samples):
     """The full text of every sample, as the model will see it."""
-    for s in samples:
-        yield s["question"] + "\n" + "".join(step + "\n" for step in s["steps"]) + "### " + s["answer"]
+    from dataset import sample_text  # imported when used, as load_samples below
+
+    for sample in samples:
+        yield sample_text(sample)
 
 
 def train_tokenizer(texts, vocab_size):
