@@ -6,7 +6,7 @@ python -m pytest -q tests/test_training_state.py
 
 import pytest
 import torch
-from test_run import config_for
+from helpers import config_for
 
 import run as cli
 from checkpoints import SavePolicy, TrainingState, read_state
@@ -49,6 +49,7 @@ def test_save_policy():
     assert not SavePolicy.mid_epoch(Config(save_every_steps=0), 4, last_batch=False)
 
 
+@pytest.mark.slow
 def test_a_run_records_its_optimizer_steps(workspace, tmp_path):
     """24 samples at batch 4 with 2 batches per step: 3 optimizer steps an
     epoch, counted across epochs and across a resume."""
