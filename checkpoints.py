@@ -300,7 +300,7 @@ def restore(configs, parallel, optimizer, rank, state):
         raise UserError(f"{configs.load_model_path}.state: not a readable training state ({type(e).__name__})") from None
     if saved is None:
         return optimizer
-    state.load_state_dict({k: saved[k] for k in ("optimizer_steps", "best_acc", "best_name", "wandb_id") if k in saved})
+    state.load_state_dict(saved)  # its position is the one the checkpoint's name gave
     rngs = saved["rng"]
     restore_rng(rngs[rank] if rank < len(rngs) else rngs[0])
     if saved["optimizer"] is not None and (saved["batches_done"] or not configs.reset_optimizer):

@@ -46,20 +46,15 @@ class SampleList(torch.utils.data.Dataset):
         return iter(self.samples)
 
 
-class TokenizedSamples(torch.utils.data.Dataset):
+class TokenizedSamples(SampleList):
     """get_dataset's samples: the rows of a datasets.Dataset, memory-mapped
     from datasets' cache (so every rank and loader worker shares one copy),
     each read as {"question_tokenized", "steps_tokenized",
     "answer_tokenized", "idx"}."""
 
-    def __init__(self, table):
-        self.table = table
-
-    def __len__(self):
-        return len(self.table)
-
-    def __getitem__(self, index):
-        return self.table[index]
+    @property
+    def table(self):
+        return self.samples
 
     def __getitems__(self, indices):
         """Many rows in one read (the DataLoader asks for a batch at once)."""
