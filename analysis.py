@@ -41,6 +41,8 @@ import shutil
 import sys
 from collections import Counter, defaultdict, deque
 from contextlib import redirect_stdout
+from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
@@ -50,7 +52,8 @@ import evaluation
 import metrics
 from coconut import EXPORT_FILE, FEEDBACK_OPTIONS, PROJECTION_FILE
 from dataset import MyCollator, data_options, get_dataset, get_question_latent_dataset, load_samples, stage_for_epoch
-from utils import ArgumentParser, Config, UserError, load_config, run_folder
+from distributed import Process
+from utils import ArgumentParser, UserError, load_config, resolve_config, run_folder
 
 COMMANDS = ("sweep", "inspect", "export")
 USAGE = "analysis.py {sweep,inspect} CONFIG.yaml [key=value ...] [options], or analysis.py export RUN_OR_CHECKPOINT --out DIR"
@@ -117,7 +120,7 @@ def resolve_checkpoint(configs, given):
     names = [] if configs.only_eval else checkpoints.complete_checkpoints(run_folder(configs))
     if names:
         return os.path.join(run_folder(configs), names[-1])
-    if configs.load_model_path != "None":
+    if configs.load_model_path is not None:
         return configs.load_model_path
     raise UserError(
         f"load_model_path: no checkpoint to analyse (it is None and {run_folder(configs)} holds none); pass --checkpoint PATH"
@@ -129,45 +132,53 @@ def check_method(configs, command, source):
     The sweep also takes pause-token models (pause_as_thought, or no method
     key set), whose `<|latent|>` positions keep their own embedding.
     CoT-style models have no latent-token embedding at all."""
-    if command == "inspect" and not configs.coconut:
+    if command == "inspect" and configs.method != "coconut":
         raise UserError(f"{source}: key 'coconut' must be set for inspect: only Coconut feeds hidden states back as thoughts")
-    if command == "inspect" and configs.get("pause_as_thought"):  # .get: a key newer than some configs
+    if command == "inspect" and configs.pause_as_thought:
         raise UserError(f"{source}: key 'pause_as_thought' is set: nothing is fed back, so there are no thoughts to inspect")
-    for key in ("cot", "no_cot", "no_thoughts"):
-        if configs[key]:
-            raise UserError(f"{source}: key '{key}' is set: the model has no thought tokens to sweep")
+    if not configs.latent_tokens:
+        raise UserError(f"{source}: key '{configs.method}' is set: the model has no thought tokens to sweep")
 
 
 def load_setup(args):
     """Config, checkpoint and data, all checked before the model is built."""
-    configs = load_config(args.config_file, args.overrides)
+    configs = resolve_config(load_config(args.config_file, args.overrides), source=args.config_file)
     check_method(configs, args.command, args.config_file)
-    configs.load_model_path = resolve_checkpoint(configs, args.checkpoint)
-    configs.only_eval = True
-    if args.data is not None:
-        configs.val_path = args.data  # also picks run.py's token budget (64 for gsm)
+    # evaluation only, of the checkpoint run.py would load, on --data if given
+    # (which also picks run.py's token budget: 64 for gsm)
+    configs = replace(configs, load_model_path=resolve_checkpoint(configs, args.checkpoint), only_eval=True,
+                      val_path=configs.val_path if args.data is None else args.data)
     raw = load_samples(configs.val_path, **data_options(configs))
     if configs.debug and len(raw) > 32:
         raw = raw.select(range(32))  # run.py's debug subset
     return configs, raw
 
 
+class Loaded(NamedTuple):
+    """A model ready to analyse: in eval mode on `device`, with its tokenizer
+    and latent token ids."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    ids: dict
+    device: torch.device
+
+
 def model_for_analysis(configs):
-    """Model (eval mode, on the device), tokenizer and latent token ids, as
-    run.py builds them; its "Loaded ..." line goes to stderr, keeping stdout
-    for the results."""
+    """The Loaded model, built as run.py builds it; its "Loaded ..." line goes
+    to stderr, keeping stdout for the results."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     with redirect_stdout(sys.stderr):
         model, tokenizer, ids = build.build_model(configs)
     model.to(device).eval()
-    return model, tokenizer, ids, device
+    return Loaded(model, tokenizer, ids, device)
 
 
 def prompt_config(configs, n_thoughts):
     """A config whose stage `n_thoughts` gives n_thoughts slots: the same as
     run.py's stage up to max_latent_stage; beyond it the cap is raised, to
     try more thoughts than the model was trained with."""
-    return Config(configs, max_latent_stage=max(configs.max_latent_stage, n_thoughts))
+    return replace(configs, max_latent_stage=max(configs.max_latent_stage, n_thoughts))
 
 
 def prompts(configs, base_valid, n_thoughts, ids):
@@ -179,15 +190,17 @@ def prompts(configs, base_valid, n_thoughts, ids):
 
 
 # --------------------------------------------------------------------- sweep
-def evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n_thoughts, device):
-    """Accuracy, CoT match and per-sample outputs with n thoughts, from
-    evaluation.evaluate (its printed examples are kept off stdout)."""
+def evaluate_count(loaded, configs, base_valid, raw, n_thoughts):
+    """Accuracy, CoT match and per-sample outputs of the Loaded model with n
+    thoughts, from evaluation.evaluate (its printed examples are kept off
+    stdout)."""
+    model, tokenizer, ids, device = loaded
     dataset = prompts(configs, base_valid, n_thoughts, ids)
     collator = MyCollator(tokenizer, latent_id=ids["<|latent|>"], label_pad_token_id=-100)
     records = []
     with redirect_stdout(io.StringIO()), build.precision(configs, device):
-        budget = evaluation.max_new_tokens(configs)
-        accuracy, cot_match = evaluation.evaluate(model, dataset, raw, collator, tokenizer, configs, 0, 1, device, budget, records)
+        accuracy, cot_match = evaluation.evaluate(model, dataset, raw, configs, tokenizer=tokenizer, collator=collator,
+                                                  process=Process(0, 1, device), records=records)
     outputs = []
     for idx, text, n_new in records:
         prediction = evaluation.extract_answer(text)
@@ -206,12 +219,12 @@ def evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n_thoughts, 
 
 def sweep_command(args, configs, raw):
     top = configs.max_latent_stage if args.max_thoughts is None else args.max_thoughts
-    model, tokenizer, ids, device = model_for_analysis(configs)
-    configs.batch_size_eval = args.batch_size
-    base_valid = get_dataset(configs.val_path, tokenizer, max_size=len(raw), **data_options(configs))
+    loaded = model_for_analysis(configs)
+    configs = replace(configs, batch_size_eval=args.batch_size)
+    base_valid = get_dataset(configs.val_path, loaded.tokenizer, max_size=len(raw), **data_options(configs))
     rows = []
     for n in range(top + 1):
-        rows.append(evaluate_count(model, tokenizer, configs, base_valid, raw, ids, n, device))
+        rows.append(evaluate_count(loaded, configs, base_valid, raw, n))
         r = rows[-1]
         print(f"{n} thoughts: accuracy {r['accuracy']:.4f}, CoT match {r['cot_match']:.4f}, "
               f"{r['mean_generated_tokens']:.1f} generated tokens", file=sys.stderr, flush=True)
@@ -400,24 +413,27 @@ def graph_of(sample, index, path):
     return names, concept_distances(len(names), edges, root)
 
 
-def inspect_sample(model, tokenizer, configs, base_valid, raw, index, graph, n_thoughts, top_k, ids, device):
-    """Everything reported about one sample's thoughts, as a JSON-able dict;
-    `graph` is graph_of(the sample) or None."""
+def inspect_sample(loaded, configs, tokenized, sample, *, index, graph, n_thoughts, top_k):
+    """Everything reported about one sample's thoughts (`sample` as read,
+    `tokenized` as get_dataset gives it, `index` its place in the data) with
+    `n_thoughts` thought slots, as a JSON-able dict; `graph` is
+    graph_of(the sample) or None."""
+    model, tokenizer, ids, device = loaded
     collator = MyCollator(tokenizer, latent_id=ids["<|latent|>"])
-    batch = collator([prompts(configs, [base_valid[index]], n_thoughts, ids)[0]])
+    batch = collator([prompts(configs, [tokenized], n_thoughts, ids)[0]])
     batch = {k: v.to(device) for k, v in batch.items() if k != "idx"}
     with torch.no_grad(), build.precision(configs, device):
         thoughts, logits_before = capture_thoughts(model, batch, ids["<|latent|>"])
         norm, _ = head_reading(model)
         probs = head_probabilities(model, thoughts, norm)
-        output = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=evaluation.max_new_tokens(configs))
+        output = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=evaluation.token_budget(configs))
     before = torch.softmax(logits_before.float(), dim=-1)
     if len(thoughts) and norm is None and reference_feedback(model) and not torch.allclose(probs, before, atol=1e-3):
         print(f"warning: sample {index}: LM head on the thoughts differs from the model's logits before them; "
               "this architecture may feed pre-norm hidden states", file=sys.stderr)
     table = model.base_causallm.get_input_embeddings().weight
     report = {
-        "idx": index, "question": raw[index]["question"], "answer": raw[index]["answer"],
+        "idx": index, "question": sample["question"], "answer": sample["answer"],
         "output": tokenizer.decode(output[0][batch["input_ids"].shape[1]:], skip_special_tokens=True),
         "thoughts": [
             {"norm": float(t.float().norm()), "lm_head_top": top_tokens(p, top_k, tokenizer),
@@ -440,16 +456,16 @@ def inspect_command(args, configs, raw):
     n_thoughts = configs.max_latent_stage if args.thoughts is None else args.thoughts
     indices = parse_sample_indices(args.samples, len(raw), configs.val_path)
     graphs = [graph_of(raw[i], i, configs.val_path) for i in indices]  # checked before the model is built
-    model, tokenizer, ids, device = model_for_analysis(configs)
-    base_valid = get_dataset(configs.val_path, tokenizer, max_size=len(raw), **data_options(configs))
-    table = model.base_causallm.get_input_embeddings().weight
+    loaded = model_for_analysis(configs)
+    base_valid = get_dataset(configs.val_path, loaded.tokenizer, max_size=len(raw), **data_options(configs))
+    table = loaded.model.base_causallm.get_input_embeddings().weight
     summary = {
         "config": args.config_file, "checkpoint": configs.load_model_path, "data": configs.val_path,
         "thought_slots": n_thoughts, "c_thought": configs.c_thought, "top_k": args.top_k,
         "mean_token_embedding_norm": float(table.detach().float().norm(dim=-1).mean()),
-        "lm_head_input": head_reading(model)[1],
+        "lm_head_input": head_reading(loaded.model)[1],
         "samples": [
-            inspect_sample(model, tokenizer, configs, base_valid, raw, i, graph, n_thoughts, args.top_k, ids, device)
+            inspect_sample(loaded, configs, base_valid[i], raw[i], index=i, graph=graph, n_thoughts=n_thoughts, top_k=args.top_k)
             for i, graph in zip(indices, graphs)
         ],
     }
@@ -551,14 +567,13 @@ def export_setup(target):
     config_file = os.path.join(folder, "config.yaml")
     if not os.path.isfile(config_file):
         raise UserError(f"{target}: no config.yaml in {folder} (export reads the run folder run.py wrote)")
-    configs = load_config(config_file)
+    configs = resolve_config(load_config(config_file), source=config_file)
     if checkpoint is None:
         names = checkpoints.complete_checkpoints(folder)
         if not names:
             raise UserError(f"{target}: the run folder holds no checkpoint")
         checkpoint = os.path.join(folder, names[-1])
-    configs.load_model_path, configs.only_eval = checkpoint, True
-    return configs
+    return replace(configs, load_model_path=checkpoint, only_eval=True)
 
 
 def checkpoint_stage(configs, checkpoint):
@@ -580,10 +595,10 @@ def export_command(args):
         model, tokenizer, ids = build.build_model(configs)
     meta = {
         "latent_token_id": ids["<|latent|>"], "start_latent_id": ids["<|start-latent|>"], "end_latent_id": ids["<|end-latent|>"],
-        "eos_token_id": tokenizer.eos_token_id, "method": next((m for m in ("coconut", "cot", "no_thoughts", "no_cot") if configs[m]), "none"),
+        "eos_token_id": tokenizer.eos_token_id, "method": configs.method,
         "c_thought": configs.c_thought, "max_latent_stage": configs.max_latent_stage, "pad_latent_to_max": configs.pad_latent_to_max,
         "stage": checkpoint_stage(configs, configs.load_model_path), "checkpoint": os.path.abspath(configs.load_model_path),
-        **{key: configs[key] for key in FEEDBACK_OPTIONS},
+        **{key: getattr(configs, key) for key in FEEDBACK_OPTIONS},
     }
     # written to a temporary folder renamed into place: an error leaves nothing
     temporary = f"{out.rstrip(os.sep)}.{os.getpid()}.tmp"

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 import torch
 
 from coconut import Coconut, fast_path_unsupported
-from utils import UserError, print0
+from utils import UserError, print0, resolve_config
 
 LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
 
@@ -63,8 +63,10 @@ def init_latent_embeddings(model, tokenizer):
 
 
 def build_model(configs):
-    """Steps 2 to 7 of the set-up order. Returns (model, tokenizer, token ids)."""
-    saved = read_state_dict(configs.load_model_path) if configs.load_model_path != "None" else None
+    """Steps 2 to 7 of the set-up order for a RunConfig (a user's Config is
+    resolved first). Returns (model, tokenizer, token ids)."""
+    configs = resolve_config(configs)
+    saved = read_state_dict(configs.load_model_path) if configs.load_model_path is not None else None
     model, tokenizer = load_pretrained(configs.model_id)
     tokenizer.pad_token = tokenizer.eos_token
     for token in LATENT_TOKENS:
@@ -83,12 +85,9 @@ def build_model(configs):
         if not deferred:
             load_weights(model, saved, configs.load_model_path)
 
-    if not (configs.cot or configs.no_thoughts or configs.no_cot):
+    if configs.latent_tokens:
         init_latent_embeddings(model, tokenizer)
-    if configs.no_thoughts:
-        configs.c_thought = 0
-        configs.coconut = False
-    if configs.coconut:
+    if configs.coconut:  # step 5 (no_thoughts) was done by resolve_config
         model = wrap_coconut(model, ids, tokenizer, configs)
     if deferred:
         check_projection_keys(saved, configs)

@@ -25,6 +25,7 @@ import pickle
 import random
 import re
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 import build
 from distributed import barrier, full_state_dict
-from utils import UserError, is_main_process, print0, run_folder
+from utils import Config, UserError, asked_config, is_main_process, print0, run_folder
 
 PATTERNS = (re.compile(r"checkpoint_(\d+)"), re.compile(r"partial_(\d+)_(\d+)"))
 
@@ -227,22 +228,30 @@ class SavePolicy:
         return self.enabled and self.configs.save_only_improve and improved
 
 
+class ResumePoint(NamedTuple):
+    """Where a preempted run continues: after `batches_done` batches of
+    0-based `epoch`, from the weights file `checkpoint`."""
+
+    epoch: int
+    batches_done: int
+    checkpoint: str
+
+
 def find_resume_checkpoint(configs):
-    """Step 1: a folder with checkpoints means a preempted run: resume from the
-    newest complete one (ignoring the given `resume`). Returns the number of
-    batches of epoch `resume` already done (mid-epoch checkpoints)."""
+    """Step 1: a folder with checkpoints means a preempted run, to resume from
+    the newest complete one (the given `resume` is then ignored). Returns
+    its ResumePoint, or None (no checkpoint, or only_eval)."""
     if configs.only_eval:
-        return 0
+        return None
     names = complete_checkpoints(run_folder(configs))
     if not names:
-        return 0
-    configs.resume, batches_done = position(names[-1])
-    configs.load_model_path = os.path.join(run_folder(configs), names[-1])
-    where = f"epoch {configs.resume}" + (f", batch {batches_done}" if batches_done else "")
+        return None
+    epoch, batches_done = position(names[-1])
+    where = f"epoch {epoch}" + (f", batch {batches_done}" if batches_done else "")
     print0(f"Found a previous run in {run_folder(configs)}: resuming from {names[-1]} ({where}; the configured `resume` is ignored)")
-    if configs.resume >= configs.num_epochs:
+    if epoch >= configs.num_epochs:
         print0(f"All {configs.num_epochs} epochs are done already; raise num_epochs to train further")
-    return batches_done
+    return ResumePoint(epoch, batches_done, os.path.join(run_folder(configs), names[-1]))
 
 
 def gather_rng_states():
@@ -264,7 +273,7 @@ def save_checkpoint(parallel, optimizer, configs, state):
     rng = gather_rng_states()
     name = state.checkpoint_name()
     if is_main_process():
-        saved = dict(state.state_dict(), optimizer=optim, rng=rng, config=dict(configs))
+        saved = dict(state.state_dict(), optimizer=optim, rng=rng, config=configs.to_dict())
         write(run_folder(configs), name, weights, saved)
         prune(run_folder(configs), configs.keep_last, keep={state.best_name})
         print(f"saving model to {os.path.join(run_folder(configs), name)}", flush=True)
@@ -287,7 +296,7 @@ def restore(configs, parallel, optimizer, rank, state):
     a warm start (a CoT checkpoint starting a Coconut run) takes its weights
     only, as the reference does, and is a run of its own. The position
     (epoch, batches done) comes from the checkpoint's name, found before."""
-    if configs.load_model_path == "None" or configs.only_eval or not in_run_folder(configs.load_model_path, configs):
+    if configs.load_model_path is None or configs.only_eval or not in_run_folder(configs.load_model_path, configs):
         return optimizer
     try:
         saved = read_state(configs.load_model_path, allow_pickle=configs.legacy_state_files)
@@ -309,13 +318,37 @@ def restore(configs, parallel, optimizer, rank, state):
     return optimizer
 
 
-def save_resolved_config(configs):
-    """The config as run (defaults and overrides applied), beside the
-    checkpoints."""
-    if is_main_process() and not configs.debug and not configs.only_eval:
-        import yaml
+def save_run_config(asked, configs):
+    """Beside the checkpoints: `config.yaml`, what the user asked for (the
+    config file's keys, then the command-line overrides: the same command
+    again when given to run.py), and `resolved.yaml`, every key as this run
+    uses it (the RunConfig `configs`), its head naming the method and each
+    key set-up changed."""
+    if not is_main_process() or configs.debug or configs.only_eval:
+        return
+    import yaml
 
-        os.makedirs(run_folder(configs), exist_ok=True)
-        with open(os.path.join(run_folder(configs), "config.yaml"), "w") as f:
-            yaml.safe_dump(dict(configs), f, sort_keys=False)
+    folder = run_folder(configs)
+    os.makedirs(folder, exist_ok=True)
+    resolved = configs.to_dict()
+    as_asked = asked_config(Config(asked), source=os.path.join(folder, "config.yaml")).to_dict()
+    changed = [f"#   {key}: {as_asked[key]} -> {value}" for key, value in resolved.items() if as_asked[key] != value]
+    head = [
+        "# What the user asked for: the config file's keys, then the command-line overrides.",
+        "# resolved.yaml beside it holds every key as the run used it.",
+    ]
+    write_text(os.path.join(folder, "config.yaml"), "\n".join(head) + "\n" + yaml.safe_dump(dict(asked), sort_keys=False))
+    head = [
+        f"# Every key as the run used it (method: {configs.method}): config.yaml with the",
+        "# defaults filled in" + (", and changed by set-up (asked -> used):" if changed else "; set-up changed nothing."),
+        *changed,
+    ]
+    write_text(os.path.join(folder, "resolved.yaml"), "\n".join(head) + "\n" + yaml.safe_dump(resolved, sort_keys=False))
 
+
+def write_text(path, text):
+    """Whole or not at all: a reader never sees half a file."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)

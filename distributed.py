@@ -4,6 +4,7 @@ wrapping, and the full state dict of a sharded model."""
 
 import os
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -13,12 +14,21 @@ from coconut import Coconut
 from utils import print0
 
 
+class Process(NamedTuple):
+    """This process's place in the launch: its rank, the number of processes,
+    and the device it computes on."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
 def init_distributed():
-    """(rank, world size, device). Under torchrun: NCCL on GPU, gloo on CPU,
-    device set before the process group. A plain process gets no group."""
+    """This Process. Under torchrun: NCCL on GPU, gloo on CPU, device set
+    before the process group. A plain process gets no group."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        return 0, 1, device
+        return Process(0, 1, device)
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local)
@@ -27,7 +37,7 @@ def init_distributed():
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
-    return rank, world, device
+    return Process(rank, world, device)
 
 
 def barrier():

@@ -12,7 +12,7 @@ from distributed import all_reduce_max, all_reduce_sum, is_sharded, parallel_uns
 from utils import is_main_process, print0
 
 
-def max_new_tokens(configs):
+def token_budget(configs):
     """The reference's generation budget: 64 new tokens for GSM8K, else 128."""
     return 64 if "gsm" in configs.val_path else 128
 
@@ -42,16 +42,20 @@ def shard_batches(dataset, batch_size, rank, world):
 
 
 @torch.no_grad()
-def evaluate(parallel, dataset, raw_samples, collator, tokenizer, configs, rank, world, device, max_new_tokens, records=None,
-             generator=None):
-    """Greedy generation on every validation sample; returns (accuracy, CoT
-    match) over all ranks. `records`, if a list, receives this rank's
-    (sample index, decoded output, number of generated tokens) triples.
-    `generator` is the Coconut that decodes (default: made here)."""
+def evaluate(parallel, dataset, raw_samples, configs, *, tokenizer, collator, process, max_new_tokens=None, records=None, generator=None):
+    """Greedy generation on every prompt of `dataset` (answers and steps in
+    `raw_samples`), this rank's share of them (`process`: a
+    distributed.Process); returns (accuracy, CoT match) over all ranks.
+    `max_new_tokens` defaults to the run's budget. `records`, if a list,
+    receives this rank's (sample index, decoded output, number of generated
+    tokens) triples. `generator` is the Coconut that decodes (default: made
+    here)."""
+    rank, device = process.rank, process.device
+    max_new_tokens = max_new_tokens or token_budget(configs)
     generator = generator or decoder_for(unwrap(parallel), tokenizer)
     sharded = is_sharded(parallel)
     generator.eval()
-    batches = shard_batches(dataset, configs.batch_size_eval, rank, world)
+    batches = shard_batches(dataset, configs.batch_size_eval, rank, process.world)
     correct = torch.zeros(3, dtype=torch.long, device=device)  # answer, CoT, total
     printed = 0
     pbar = tqdm(total=len(batches), desc="Test Accuracy", unit="batch", disable=not is_main_process(), dynamic_ncols=True)

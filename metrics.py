@@ -209,13 +209,18 @@ def init_wandb(configs, run_id=None):
         print0("wandb: no login found, logging offline (run `wandb login` or set WANDB_API_KEY to log online)")
     try:
         run = wandb.init(
-            project=configs.project, name=configs.name, mode=mode, config=dict(configs), id=run_id, resume="allow" if run_id else None,
+            project=configs.project, name=configs.name, mode=mode, config=run_record(configs), id=run_id, resume="allow" if run_id else None,
             settings=wandb.Settings(init_timeout=60, silent=True),
         )
     except Exception as e:  # no network, bad key: the training must go on
         print0(f"wandb: could not start ({type(e).__name__}); logging offline")
-        run = wandb.init(project=configs.project, name=configs.name, mode="offline", config=dict(configs), id=run_id)
+        run = wandb.init(project=configs.project, name=configs.name, mode="offline", config=run_record(configs), id=run_id)
     return run
+
+
+def run_record(configs):
+    """What wandb records of the RunConfig: every key, and the method."""
+    return {**configs.to_dict(), "method": configs.method}
 
 
 def has_wandb_login():

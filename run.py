@@ -20,7 +20,7 @@ import evaluation
 import metrics
 import train
 from dataset import MyCollator, data_options, get_cot_latent_dataset, get_dataset, get_question_latent_dataset, load_samples, stage_for_epoch
-from utils import ArgumentParser, UserError, is_main_process, load_config, print0, set_seed
+from utils import ArgumentParser, UserError, is_main_process, print0, read_config, resolve_config, set_seed
 
 
 def load_data(configs):
@@ -33,9 +33,14 @@ def load_data(configs):
     return raw_val
 
 
-def run(configs, rank, world, device):
+def run(configs, rank, world, device, asked=None):
+    """A run of the user's Config `configs` in this process; `asked`, the
+    keys the user gave (default: all of `configs`), is saved as config.yaml."""
     set_seed(configs.seed)
-    batches_done = checkpoints.find_resume_checkpoint(configs)
+    resume = checkpoints.find_resume_checkpoint(configs)
+    asked = dict(asked if asked is not None else configs)
+    configs = resolve_config(configs, resume)  # frozen from here on
+    process = distributed.Process(rank, world, device)
     raw_val = load_data(configs)
     model, tokenizer, ids = build.build_model(configs)
     parallel = distributed.wrap_model(model, configs, world, device)
@@ -47,14 +52,13 @@ def run(configs, rank, world, device):
         if not configs.only_eval:
             base_train = get_dataset(configs.train_path, tokenizer, max_size=train.train_size(configs), **data_options(configs))
         base_valid = get_dataset(configs.val_path, tokenizer, max_size=32 if configs.debug else 100000000, **data_options(configs))
-    new_tokens = evaluation.max_new_tokens(configs)
-    markerless = configs.cot or configs.no_cot or configs.no_thoughts
+    markerless = not configs.latent_tokens
 
-    state = checkpoints.TrainingState(epoch=configs.resume, batches_done=batches_done)
+    state = checkpoints.TrainingState(epoch=configs.resume, batches_done=resume.batches_done if resume else 0)
     policy = checkpoints.SavePolicy(configs)
     optimizer = None if configs.reset_optimizer else build.build_optimizer(parallel, configs)
     optimizer = checkpoints.restore(configs, parallel, optimizer, rank, state)
-    checkpoints.save_resolved_config(configs)
+    checkpoints.save_run_config(asked, configs)
     logger = metrics.open_logger(configs, state)
     collator = MyCollator(tokenizer, latent_id=latent_id, label_pad_token_id=-100)
 
@@ -75,19 +79,19 @@ def run(configs, rank, world, device):
             loss_set = get_cot_latent_dataset(stage, base_valid, configs, start_id, latent_id, end_id, no_special_marker=markerless)
             if configs.reset_optimizer and (state.batches_done == 0 or optimizer is None):
                 optimizer = build.build_optimizer(parallel, configs)
-            batches = train.epoch_batches(train_set, configs, collator, rank, world, device, batches_done=state.batches_done)
-            per_epoch = train.train_epoch(parallel, optimizer, batches, configs, epoch, stage, device, logger, tokenizer,
-                                          state.batches_done, save if policy.enabled else None, state)
+            batches = train.epoch_batches(train_set, configs, collator, process, batches_done=state.batches_done)
+            per_epoch = train.train_epoch(parallel, optimizer, batches, configs, stage=stage, device=device, logger=logger,
+                                          tokenizer=tokenizer, state=state, save=save if policy.enabled else None)
             state.epoch, state.batches_done = epoch + 1, 0
             if policy.after_training():
                 save()
-            val_loss = train.validation_loss(parallel, train.epoch_batches(loss_set, configs, collator, rank, world, device), world, device, configs)
+            val_loss = train.validation_loss(parallel, train.epoch_batches(loss_set, configs, collator, process), configs, process)
             print0(f"eval loss {val_loss}")
             logger.log({"eval/loss": val_loss}, stage, epoch + 1, (epoch + 1) * per_epoch)
 
         with build.precision(configs, device):
-            acc, cot_em = evaluation.evaluate(parallel, gen_set, raw_val, collator, tokenizer, configs, rank, world, device, new_tokens,
-                                   generator=decoder)
+            acc, cot_em = evaluation.evaluate(parallel, gen_set, raw_val, configs, tokenizer=tokenizer, collator=collator,
+                                              process=process, generator=decoder)
         steps_done = 0 if configs.only_eval else (epoch + 1) * per_epoch
         logger.log({"eval/acc": acc, "eval/cot_em": cot_em}, stage, epoch + 1, steps_done)
         if configs.only_eval:
@@ -114,10 +118,10 @@ def parse_args(argv):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        configs = load_config(args.config_file, args.overrides)
+        configs, asked = read_config(args.config_file, args.overrides)
         rank, world, device = distributed.init_distributed()
         print0("Config:", dict(configs))
-        run(configs, rank, world, device)
+        run(configs, rank, world, device, asked)
     except UserError as e:
         if is_main_process():
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from build import precision
-from checkpoints import SavePolicy
+from checkpoints import SavePolicy, TrainingState
 from distributed import all_reduce_max_tensor, all_reduce_sum, as_coconut, barrier, is_sharded
 from utils import is_main_process, print0
 
@@ -19,15 +19,16 @@ def train_size(configs):
     return min(size, 5000) if configs.debug else size
 
 
-def epoch_batches(dataset, configs, collator, rank, world, device, batches_done=0):
-    """This rank's batches of a dataset, in the same order on every run,
-    after the first `batches_done` (a mid-epoch resume)."""
+def epoch_batches(dataset, configs, collator, process, batches_done=0):
+    """This rank's batches of a dataset (`process`: a distributed.Process),
+    in the same order on every run, after the first `batches_done` (a
+    mid-epoch resume)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    indices = list(DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False))
+    indices = list(DistributedSampler(dataset, num_replicas=process.world, rank=process.rank, shuffle=False))
     # on a GPU one worker lays out and pads the next batches during the step;
     # on a CPU it would only take a core from the model
-    workers = 1 if device.type == "cuda" else 0
+    workers = 1 if process.device.type == "cuda" else 0
     # its own generator: a loader draws a seed when iterated, and drawing it
     # from the global RNG would shift dropout after a mid-epoch resume
     return DataLoader(dataset, batch_size=configs.batch_size_training, sampler=indices[batches_done * configs.batch_size_training :],
@@ -105,13 +106,17 @@ class PendingLosses:
         self.pbar.set_description(f"Training Epoch: {epoch + 1}/{self.configs.num_epochs}, batch {indices[-1]}/{total} (loss: {full_loss:.4f})")
 
 
-def train_epoch(parallel, optimizer, batches, configs, epoch, stage, device, logger, tokenizer, batches_done=0, save=None, state=None):
-    """One pass over `batches`, which follow the first `batches_done` of the
-    epoch. `save(batches_done)` is called where SavePolicy.mid_epoch says;
-    `state` (a TrainingState), if given, counts the optimizer steps. Losses
+def train_epoch(parallel, optimizer, batches, configs, *, stage, device, logger, tokenizer=None, state=None, save=None):
+    """One pass over `batches` at curriculum `stage`, in the epoch of the
+    TrainingState `state` (default: the first, from its start), after its
+    `batches_done` batches; `state` counts the optimizer steps.
+    `save(batches_done)` is called where SavePolicy.mid_epoch says. Losses
     are read (logged, checked) every `sync_every` batches and before every
-    save, so a diverged state is never saved. Returns the number of batches
-    in the whole epoch."""
+    save, so a diverged state is never saved; `tokenizer` decodes the
+    first batch's wandb table. Returns the number of batches in the whole
+    epoch."""
+    state = state if state is not None else TrainingState()
+    epoch, batches_done = state.epoch, state.batches_done
     parallel.train()
     accumulate = configs.gradient_accumulation_steps
     total = batches_done + len(batches)
@@ -135,8 +140,7 @@ def train_epoch(parallel, optimizer, batches, configs, epoch, stage, device, log
                 optimizer.step()
                 optimizer.zero_grad()
                 pbar.update(1)
-                if state is not None:
-                    state.optimizer_steps += 1
+                state.optimizer_steps += 1
                 steps_in_epoch = (batch_index + 1) // accumulate
                 saving = save is not None and SavePolicy.mid_epoch(configs, steps_in_epoch, last_batch)
             if saving or len(pending) >= configs.sync_every or last_batch:
@@ -157,18 +161,18 @@ def report_speed(epoch, n_batches, accumulate, seconds):
 
 
 @torch.no_grad()
-def validation_loss(parallel, loader, world, device, configs):
+def validation_loss(parallel, loader, configs, process):
     """Mean over batches of the loss averaged over ranks, read once at the end."""
     parallel.eval()
     coconut = as_coconut(parallel)
     min_passes = passes_in_step(parallel, loader.dataset)
     losses = []
     for batch in tqdm(loader, desc="Validation loss", unit="batch", disable=not is_main_process(), dynamic_ncols=True):
-        with precision(configs, device):
-            losses.append(parallel(**model_inputs(batch, device, coconut, min_passes)).loss.detach().float())
+        with precision(configs, process.device):
+            losses.append(parallel(**model_inputs(batch, process.device, coconut, min_passes)).loss.detach().float())
     total = 0.0
     if losses:  # summed in the order and precision of a per-batch reading
         for loss in all_reduce_sum(torch.stack(losses)).tolist():
-            total += loss / world
+            total += loss / process.world
     return total / max(len(loader), 1)
 

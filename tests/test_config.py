@@ -1,14 +1,17 @@
-"""Config loading and checking (utils.load_config).
+"""Config loading and checking (utils.load_config), and its resolution into
+the frozen RunConfig a run uses, with the saved asked and resolved files.
 
 python -m pytest -q tests/test_config.py
 """
 
+import dataclasses
 import os
 
 import pytest
 import yaml
 
-from utils import CONFIG_KEYS, Config, UserError, load_config
+from checkpoints import ResumePoint, save_run_config
+from utils import CONFIG_KEYS, REQUIRED, Config, RunConfig, UserError, asked_config, load_config, read_config, resolve_config
 
 ARGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "args")
 MINIMAL = dict(save_path="runs", name="x", model_id="m", train_path="t.json", val_path="v.json", num_epochs=2)
@@ -93,3 +96,74 @@ def test_reference_configs_load_and_set_every_reference_key(name):
     reference_keys = list(CONFIG_KEYS)[: list(CONFIG_KEYS).index("batch_size_eval")]  # the extensions follow
     assert set(reference_keys) <= set(raw), name
     load_config(os.path.join(ARGS, name))
+
+
+# ------------------------------------------------------- the frozen RunConfig
+def test_run_config_is_frozen_typed_and_has_none_for_absent_paths(tmp_path):
+    user = load_config(write(tmp_path, {**MINIMAL, "only_eval": True, "load_model_path": "ckpt"}, "e.yaml"))
+    configs = resolve_config(load_config(write(tmp_path, MINIMAL)))
+    assert isinstance(configs, RunConfig) and configs.load_model_path is None and configs.train_path == "t.json"
+    assert resolve_config(user).train_path == "t.json" and resolve_config(user).load_model_path == "ckpt"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        configs.lr = 0.5
+    assert configs.to_dict() == {**{k: v for k, (_, v, _) in CONFIG_KEYS.items() if v is not REQUIRED}, **MINIMAL,
+                                 "load_model_path": None}
+    assert resolve_config(configs) is configs  # resolved once; a RunConfig passes through
+
+
+def test_config_keys_are_the_documented_run_config_fields():
+    specs = dataclasses.fields(RunConfig)
+    assert list(CONFIG_KEYS) == [spec.name for spec in specs]
+    assert all(spec.metadata["meaning"].strip() for spec in specs)
+    assert CONFIG_KEYS["load_model_path"][:2] == (str, "None") and CONFIG_KEYS["name"][1] is REQUIRED
+    assert CONFIG_KEYS["lr"][:2] == (float, 1e-4) and CONFIG_KEYS["coconut"][:2] == (bool, False)
+
+
+@pytest.mark.parametrize("keys, method, latent_tokens", [
+    ({"coconut": True}, "coconut", True), ({"cot": True}, "cot", False), ({"no_cot": True}, "no_cot", False),
+    ({"no_thoughts": True}, "no_thoughts", False), ({}, "none", True),
+])
+def test_method_is_derived_from_the_method_keys(keys, method, latent_tokens, tmp_path):
+    configs = resolve_config(load_config(write(tmp_path, {**MINIMAL, **keys})))
+    assert (configs.method, configs.latent_tokens) == (method, latent_tokens)
+
+
+def test_resolution_no_thoughts_and_resume_point(tmp_path):
+    user = load_config(write(tmp_path, {**MINIMAL, "no_thoughts": True, "c_thought": 2}))
+    configs = resolve_config(user, ResumePoint(epoch=1, batches_done=3, checkpoint="runs/x/partial_2_3"))
+    assert (configs.c_thought, configs.coconut, configs.resume, configs.load_model_path) == (0, False, 1, "runs/x/partial_2_3")
+    # the user's Config shows what set-up changed, as the reference's config does
+    assert (user.c_thought, user.resume, user.load_model_path) == (0, 1, "runs/x/partial_2_3")
+    assert asked_config(Config(MINIMAL, no_thoughts=True, c_thought=2)).c_thought == 2  # asked, before set-up
+
+
+def test_resolution_checks_a_hand_made_config():
+    with pytest.raises(UserError, match="config: missing required key 'save_path'"):
+        resolve_config(Config(name="x"))
+    with pytest.raises(UserError, match="config: unknown key 'epochs'"):
+        resolve_config(Config(MINIMAL, epochs=3))
+    with pytest.raises(UserError, match="config: keys coconut and cot are both set"):
+        resolve_config(Config(MINIMAL, coconut=True, cot=True))
+
+
+def test_read_config_tells_what_was_asked_from_the_defaults(tmp_path):
+    config, asked = read_config(write(tmp_path, {**MINIMAL, "lr": "1e-3"}), ["seed=4", "lr=0.5"])
+    assert asked == {**MINIMAL, "lr": 0.5, "seed": 4} and list(asked)[-1] == "seed"
+    assert config == load_config(write(tmp_path, {**MINIMAL, "lr": "1e-3"}), ["seed=4", "lr=0.5"]) and config.weight_decay == 0.01
+
+
+def test_saved_config_files_tell_asked_from_resolved(tmp_path):
+    path = write(tmp_path, {**MINIMAL, "save_path": str(tmp_path / "runs"), "no_thoughts": True, "c_thought": 2})
+    user, asked = read_config(path, ["seed=7"])
+    configs = resolve_config(user, ResumePoint(2, 0, str(tmp_path / "runs" / "x" / "checkpoint_2")))
+    save_run_config(asked, configs)
+    folder = tmp_path / "runs" / "x"
+    with open(folder / "config.yaml") as f:
+        assert yaml.safe_load(f) == asked  # only what was asked: no defaults
+    assert load_config(str(folder / "config.yaml")) == load_config(path, ["seed=7"])  # and it runs as the original
+    resolved_text = (folder / "resolved.yaml").read_text()
+    assert yaml.safe_load(resolved_text) == configs.to_dict()
+    head = [line for line in resolved_text.splitlines() if line.startswith("#")]
+    assert "method: no_thoughts" in head[0]
+    assert sorted(line.split(":")[0].strip("# ") for line in head[2:]) == ["c_thought", "load_model_path", "resume"]
+    assert f"#   load_model_path: None -> {configs.load_model_path}" in head and "#   c_thought: 2 -> 0" in head

@@ -22,6 +22,7 @@ from helpers import load_tokenizer_and_model, make_samples, run_cli, write_confi
 import build
 import evaluation
 from dataset import MyCollator, get_dataset, get_question_latent_dataset
+from distributed import Process
 from utils import load_config
 
 pytestmark = pytest.mark.slow  # every test here runs run.py under torchrun
@@ -103,8 +104,8 @@ def test_accuracy_is_the_same_on_one_and_two_processes(no_dropout, tmp_path):
     prompts = get_question_latent_dataset(1, get_dataset(str(root / "valid5.json"), tokenizer), configs,
                                           ids["<|start-latent|>"], ids["<|latent|>"], ids["<|end-latent|>"])
     records = []
-    evaluation.evaluate(model, prompts, raw, MyCollator(tokenizer, latent_id=ids["<|latent|>"]), tokenizer, configs, 0, 1,
-                 torch.device("cpu"), 128, records=records)
+    evaluation.evaluate(model, prompts, raw, configs, tokenizer=tokenizer, collator=MyCollator(tokenizer, latent_id=ids["<|latent|>"]),
+                        process=Process(0, 1, torch.device("cpu")), max_new_tokens=128, records=records)
     for index in (1, 3, 4):  # sample 0 keeps its answer: it is the one the tokenizer check reads
         raw[index]["answer"] = evaluation.extract_answer(records[index][1])
     (tmp_path / "valid.json").write_text(json.dumps(raw))

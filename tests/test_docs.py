@@ -1,7 +1,8 @@
 """Checks on the documentation, with no network and no model:
 
 - the config-key tables of README.md and docs/config.md list exactly the
-  keys of utils.CONFIG_KEYS, each with its type and default;
+  keys of utils.CONFIG_KEYS, each with its type and default, and every row
+  of docs/config.md's table is the one utils.RunConfig's field gives;
 - every relative link in README.md and docs/*.md names a file or folder
   that exists in the repository (web links and the part after "#" are not
   checked);
@@ -13,11 +14,12 @@ python -m pytest -q tests/test_docs.py
 import glob
 import os
 import re
+from dataclasses import MISSING, fields
 
 import pytest
 from helpers import REPO
 
-from utils import CONFIG_KEYS, REQUIRED
+from utils import CONFIG_KEYS, REQUIRED, RunConfig
 
 README = os.path.join(REPO, "README.md")
 DOC_PAGES = sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
@@ -76,6 +78,28 @@ def test_default_rule_catches_a_wrong_default():
     assert default_ok(False, "False") and not default_ok(False, "True")
     assert default_ok("None", "None (required with only_eval)") and not default_ok("auto", "eager")
     assert default_ok("", "empty") and default_ok(REQUIRED, "required") and not default_ok(REQUIRED, "0")
+
+
+def field_row(spec):
+    """docs/config.md's row for a RunConfig field: its key, type, default (and
+    the note on it) and meaning, as the field defines them."""
+    kind, default, meaning = CONFIG_KEYS[spec.name]
+    if spec.default is MISSING:
+        cell = "*required*"
+    elif isinstance(default, str):
+        cell = f"`{default}`" if default else "empty"
+    else:
+        cell = repr(default)
+    note = spec.metadata["note"]
+    return f"| `{spec.name}` | {kind.__name__} | {cell}{f' ({note})' if note else ''} | {meaning} |"
+
+
+def test_config_page_rows_are_the_runconfig_fields():
+    text = read(os.path.join(REPO, "docs", "config.md"))
+    table = text[text.index("\n| key | type | default | meaning |"):].split("\n\n", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    expected = [field_row(spec) for spec in fields(RunConfig)]
+    assert rows == expected, "docs/config.md's key table differs from RunConfig; its rows should read:\n" + "\n".join(expected)
 
 
 @pytest.mark.parametrize("page", [README] + DOC_PAGES, ids=lambda p: os.path.relpath(p, REPO))

@@ -19,6 +19,7 @@ import metrics
 import run as cli
 import train
 from coconut import Coconut
+from distributed import Process
 from utils import UserError, load_config
 
 
@@ -269,7 +270,7 @@ def test_gradient_accumulation_steps_and_scaling(sync_every):
     optimizer = CountingOptimizer(toy.w)
     batches = [{"input_ids": torch.tensor([[float(i)]]), "labels": torch.tensor([[0]]), "idx": torch.tensor([i])} for i in range(1, 6)]
     configs = SimpleNamespace(gradient_accumulation_steps=2, num_epochs=1, save_every_steps=0, mixed_precision=False, sync_every=sync_every)
-    train.train_epoch(toy, optimizer, batches, configs, 0, 0, torch.device("cpu"), metrics.Logger(), None)
+    train.train_epoch(toy, optimizer, batches, configs, stage=0, device=torch.device("cpu"), logger=metrics.Logger())
     # steps after batches 2, 4 and the last (5); each gradient is the sum over its batches / 2
     assert [float(g) for g in optimizer.grads] == [1.5, 3.5, 2.5]
 
@@ -303,7 +304,8 @@ def test_batched_evaluation_equals_batch_size_one(method, workspace, tmp_path):
     for batch_size in (1, 4):
         configs.batch_size_eval = batch_size
         records = []
-        scores = evaluation.evaluate(model, prompts, raw, collator, tokenizer, configs, 0, 1, torch.device("cpu"), 24, records=records)
+        scores = evaluation.evaluate(model, prompts, raw, configs, tokenizer=tokenizer, collator=collator, process=Process(0, 1, torch.device("cpu")),
+                                     max_new_tokens=24, records=records)
         results[batch_size] = (scores, records)
     assert results[1] == results[4]
     assert [i for i, _, _ in results[1][1]] == list(range(len(raw)))
