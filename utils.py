@@ -10,8 +10,6 @@ import random
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import get_args
 
-import numpy as np
-import torch
 import yaml
 
 FAST_PATHS = ("auto", "compiled", "static", "eager")
@@ -31,14 +29,16 @@ class UserError(Exception):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are a UserError: one line and exit status 2,
-    like every other user mistake. `usage` is shown in the message."""
+    like every other user mistake. The message ends with `usage_line`, or
+    else points at --help."""
 
-    def __init__(self, *args, usage_line, **kwargs):
+    def __init__(self, *args, usage_line=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.usage_line = usage_line
 
     def error(self, message):
-        raise UserError(f"command line: {message} (usage: {self.usage_line})")
+        hint = f"usage: {self.usage_line}" if self.usage_line else f"see {self.prog} --help"
+        raise UserError(f"command line: {message} ({hint})")
 
 
 class Config(dict):
@@ -406,6 +406,10 @@ def parse_data_columns(text):
 
 
 def set_seed(seed):
+    # imported here: the preprocessing scripts import this module without torch
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

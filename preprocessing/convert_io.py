@@ -1,21 +1,10 @@
-"""Shared by the preprocessing scripts: the bad-input error, the command-line
-parser and the atomic JSON write."""
+"""Shared by the preprocessing scripts: the atomic JSON write. (Their
+command-line parser and bad-input error are utils.ArgumentParser and
+utils.UserError, as for run.py.)"""
 
-import argparse
 import json
 import os
 import tempfile
-
-
-class ConvertError(Exception):
-    """Bad input; a converter's main() prints it as one line instead of a traceback."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, as every other bad input's, with exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def write_json_atomic(data, out):

@@ -11,8 +11,11 @@ Usage: python preprocessing/gsm_icot.py SPLIT [--src FILE] [--out FILE]
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert_io import ArgumentParser, ConvertError, write_json_atomic  # noqa: E402
+from convert_io import write_json_atomic  # noqa: E402
+
+from utils import ArgumentParser, UserError  # noqa: E402
 
 
 def parse_gsm_line(line):
@@ -38,7 +41,7 @@ def convert_gsm(src, out):
         with open(src, encoding="utf-8") as f:
             lines = f.readlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{src}: cannot read: {e.strerror if isinstance(e, OSError) else e}") from None
+        raise UserError(f"{src}: cannot read: {e.strerror if isinstance(e, OSError) else e}") from None
     samples = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -46,7 +49,7 @@ def convert_gsm(src, out):
         try:
             samples.append(parse_gsm_line(line))
         except ValueError as e:
-            raise ConvertError(f"{src}:{number}: {e}") from None
+            raise UserError(f"{src}:{number}: {e}") from None
     write_json_atomic(samples, out)
     return len(samples)
 
@@ -56,12 +59,11 @@ def main(argv=None):
     parser.add_argument("split", help="split name, e.g. train, valid or test")
     parser.add_argument("--src", help="raw file (default: data/raw/gsm_SPLIT.txt)")
     parser.add_argument("--out", help="output JSON (default: data/gsm_SPLIT.json)")
-    args = parser.parse_args(argv)
-    src = args.src or f"data/raw/gsm_{args.split}.txt"
-    out = args.out or f"data/gsm_{args.split}.json"
     try:
-        n = convert_gsm(src, out)
-    except ConvertError as e:
+        args = parser.parse_args(argv)
+        out = args.out or f"data/gsm_{args.split}.json"
+        n = convert_gsm(args.src or f"data/raw/gsm_{args.split}.txt", out)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{out}: {n} samples")

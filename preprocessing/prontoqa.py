@@ -13,8 +13,11 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert_io import ArgumentParser, ConvertError, write_json_atomic  # noqa: E402
+from convert_io import write_json_atomic  # noqa: E402
+
+from utils import ArgumentParser, UserError  # noqa: E402
 
 
 def convert_example(example):
@@ -41,22 +44,22 @@ def convert_prontoqa(src, out_dir, n_train=9000, n_valid=200):
         with open(src, encoding="utf-8") as f:
             data = json.load(f)
     except OSError as e:
-        raise ConvertError(f"{src}: cannot read: {e.strerror}") from None
+        raise UserError(f"{src}: cannot read: {e.strerror}") from None
     except json.JSONDecodeError as e:
-        raise ConvertError(f"{src}:{e.lineno}: invalid JSON: {e.msg}") from None
+        raise UserError(f"{src}:{e.lineno}: invalid JSON: {e.msg}") from None
     except UnicodeDecodeError as e:
-        raise ConvertError(f"{src}: cannot read: {e}") from None
+        raise UserError(f"{src}: cannot read: {e}") from None
     if not isinstance(data, dict):
-        raise ConvertError(f"{src}: top level is a JSON {type(data).__name__}, expected an object of examples")
+        raise UserError(f"{src}: top level is a JSON {type(data).__name__}, expected an object of examples")
     samples = []
     for key, example in data.items():
         try:
             samples.append(convert_example(example))
         except ValueError as e:
-            raise ConvertError(f"{src}: example {key}: {e}") from None
+            raise UserError(f"{src}: example {key}: {e}") from None
     # An empty test split would only surface later as a broken evaluation run.
     if len(samples) <= n_train + n_valid:
-        raise ConvertError(f"{src}: only {len(samples)} examples, need more than {n_train} + {n_valid} to leave a test split")
+        raise UserError(f"{src}: only {len(samples)} examples, need more than {n_train} + {n_valid} to leave a test split")
     splits = {
         "train": samples[:n_train],
         "valid": samples[n_train:n_train + n_valid],
@@ -80,10 +83,10 @@ def main(argv=None):
     parser.add_argument("--out-dir", default="data", help="folder for prontoqa_{train,valid,test}.json")
     parser.add_argument("--n-train", type=count, default=9000, help="first N examples go to train")
     parser.add_argument("--n-valid", type=count, default=200, help="next N examples go to valid; the rest to test")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         sizes = convert_prontoqa(args.src, args.out_dir, args.n_train, args.n_valid)
-    except ConvertError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for name, n in sizes.items():

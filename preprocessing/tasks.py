@@ -30,8 +30,11 @@ import sys
 
 from tqdm import tqdm
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert_io import ArgumentParser, ConvertError, write_json_atomic  # noqa: E402
+from convert_io import write_json_atomic  # noqa: E402
+
+from utils import ArgumentParser, UserError  # noqa: E402
 
 PEOPLE = ("Alex", "Sam", "Max", "Tom", "Eva", "Ivy", "Leo", "Mia", "Ada", "Ben")
 ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "z", "br", "gr", "sk", "tr", "zh")
@@ -43,7 +46,7 @@ def concept_names(rng, count):
     """`count` distinct made-up concept names ("wumpus", "brelbus", ...)."""
     every = [o + v + e for o, v, e in itertools.product(ONSETS, VOWELS, ENDINGS)]
     if count > len(every):
-        raise ConvertError(f"--concepts: at most {len(every)} names can be made, asked for {count}")
+        raise UserError(f"--concepts: at most {len(every)} names can be made, asked for {count}")
     return rng.sample(every, count)
 
 
@@ -104,13 +107,13 @@ def generate_graph(rng, min_hops=3, max_hops=4, distractors=2, concepts=40, fact
     if fact_order == "sorted":
         subjects = 2 * max_hops + distractors
         if concepts < subjects + 2:
-            raise ConvertError(
+            raise UserError(
                 f"--concepts: {concepts} names are too few for {subjects} subjects ({max_hops} hops, {distractors} distractors) and 2 options"
             )
         subjects, options = sorted(names[:subjects]), names[subjects:]
         return lambda: sorted_graph(rng, subjects, options, rng.randint(min_hops, max_hops))
     if concepts < 2 * (max_hops + 1) + distractors:
-        raise ConvertError(f"--concepts: {concepts} names are too few for {max_hops} hops and {distractors} distractors")
+        raise UserError(f"--concepts: {concepts} names are too few for {max_hops} hops and {distractors} distractors")
     return lambda: shuffled_graph(rng, names, rng.randint(min_hops, max_hops), distractors)
 
 
@@ -135,7 +138,7 @@ def pointer_sample(rng, names, hops, variables):
 
 def generate_pointer(rng, min_hops=3, max_hops=4, variables=12):
     if variables < max_hops + 1:
-        raise ConvertError(f"--variables: {variables} are too few for {max_hops} hops")
+        raise UserError(f"--variables: {variables} are too few for {max_hops} hops")
     names = ["".join(p) for p in itertools.product("bdfgklmnprstvz", "aeiou")]
     return lambda: pointer_sample(rng, names, rng.randint(min_hops, max_hops), variables)
 
@@ -155,7 +158,7 @@ def multiply_sample(rng, digits_a, digits_b):
 
 def generate_multiply(rng, digits_a=3, digits_b=2):
     if min(digits_a, digits_b) < 1:
-        raise ConvertError("--digits-a and --digits-b must be at least 1")
+        raise UserError("--digits-a and --digits-b must be at least 1")
     return lambda: multiply_sample(rng, digits_a, digits_b)
 
 
@@ -176,7 +179,7 @@ def modsum_sample(rng, terms, modulus):
 def generate_modsum(rng, min_hops=3, max_hops=4, modulus=10):
     """One step per digit: a sample has min_hops to max_hops digits."""
     if not 2 <= modulus <= 10:
-        raise ConvertError(f"--modulus must be between 2 and 10 (digits are single characters), got {modulus}")
+        raise UserError(f"--modulus must be between 2 and 10 (digits are single characters), got {modulus}")
     return lambda: modsum_sample(rng, rng.randint(min_hops, max_hops), modulus)
 
 
@@ -195,7 +198,7 @@ def generate(task, seed, sizes, **options):
         while len(samples) < total:
             attempts += 1
             if attempts > 20 * total + 1000:
-                raise ConvertError(f"{task}: only {len(samples)} distinct questions found; lower the sizes or widen the options")
+                raise UserError(f"{task}: only {len(samples)} distinct questions found; lower the sizes or widen the options")
             sample = draw()
             if sample["question"] not in seen:
                 seen.add(sample["question"])
@@ -251,9 +254,9 @@ def task_options(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    sizes = {"train": args.train, "valid": args.valid, "test": args.test}
     try:
+        args = parse_args(argv)
+        sizes = {"train": args.train, "valid": args.valid, "test": args.test}
         splits = generate(args.task, args.seed, sizes, **task_options(args))
         for split, samples in splits.items():
             if not samples:
@@ -261,7 +264,7 @@ def main(argv=None):
             out = os.path.join(args.out_dir, f"{args.task}_{split}.json")
             write_json_atomic(samples, out)
             print(f"{out}: {len(samples)} samples")
-    except ConvertError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

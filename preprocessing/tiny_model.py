@@ -16,9 +16,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert_io import ArgumentParser  # noqa: E402
-
-from utils import UserError  # noqa: E402
+from utils import ArgumentParser, UserError  # noqa: E402
 
 EOS = "<|endoftext|>"
 ACTIVATIONS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "relu", "silu")
@@ -32,22 +30,28 @@ def corpus(samples):
         yield sample_text(sample)
 
 
-def train_tokenizer(texts, vocab_size):
-    """GPT-2-style byte-level BPE whose digits are split one by one (so
-    numbers are read digit by digit) and whose only special token is eos."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts, vocab_size, split_digits=True, bos_token=None):
+    """A GPT-2-style byte-level BPE trained on `texts`. Its only special token
+    is eos, which stands in for bos and unk too, unless `bos_token` names a
+    start token put before every encoding (as Llama's tokenizer does).
+    `split_digits` splits numbers digit by digit, so they are read so."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
     tok.decoder = decoders.ByteLevel()
+    specials = [EOS, bos_token] if bos_token else [EOS]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+    if bos_token:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, tok.token_to_id(bos_token))]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=bos_token or EOS, unk_token=EOS)
 
 
 def build_model(tokenizer, n_layer, n_embd, n_head, n_positions, seed, dropout=0.0, n_inner=None, activation="gelu_new"):
@@ -106,13 +110,13 @@ def main(argv=None):
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="GPT-2's three dropout rates (0: a tiny model trained briefly learns faster without)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for key in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "n_inner"):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be >= 1")
-    if not 0 <= args.dropout < 1:
-        parser.error("--dropout must be in [0, 1)")
     try:
+        args = parser.parse_args(argv)
+        for key in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "n_inner"):
+            if getattr(args, key) is not None and getattr(args, key) < 1:
+                parser.error(f"--{key.replace('_', '-')} must be >= 1")
+        if not 0 <= args.dropout < 1:
+            parser.error("--dropout must be in [0, 1)")
         # every option but the paths is one of build()'s keywords, under the same name
         options = {key: value for key, value in vars(args).items() if key not in ("data", "out")}
         params, vocab, longest = build(args.data, args.out, **options)

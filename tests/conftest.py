@@ -22,7 +22,7 @@ import pytest
 # file's, for the same failure messages, so registered before its import
 pytest.register_assert_rewrite("helpers")
 
-from helpers import REPO, make_samples  # noqa: E402  (benchmarks/bench_stages.py imports make_samples from here)
+from helpers import REPO, load_preprocessing, make_samples  # noqa: E402  (benchmarks/bench_stages.py imports make_samples from here)
 
 sys.path.insert(0, REPO)
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -30,30 +30,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-")  # never the user's own cache
 atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
-EOS = "<|endoftext|>"
 BOS = "<s>"
 
 
 def train_tokenizer(folder, add_bos=False):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = [EOS, BOS] if add_bos else [EOS]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    """preprocessing/tiny_model.py's tokenizer (numbers not split into digits)
+    trained on sample texts and saved to `folder`; with `add_bos`, a start
+    token begins every encoding, as Llama's."""
     corpus = []
     for s in make_samples(400, seed=123):
         corpus.append(s["question"] + "\n" + "\n".join(s["steps"]) + "\n### " + s["answer"])
-    tok.train_from_iterator(corpus * 3, trainer)
-    if add_bos:
-        bos_id = tok.token_to_id(BOS)
-        tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
-    kwargs = dict(tokenizer_object=tok, eos_token=EOS)
-    if add_bos:
-        kwargs["bos_token"] = BOS
-    fast = PreTrainedTokenizerFast(**kwargs)
+    fast = load_preprocessing("tiny_model").train_tokenizer(corpus * 3, 300, split_digits=False, bos_token=BOS if add_bos else None)
     fast.save_pretrained(folder)
     return fast
 
