@@ -6,7 +6,7 @@
 - every relative link in README.md and docs/*.md names a file or folder
   that exists in the repository (web links and the part after "#" are not
   checked);
-- README.md stays at most 13,000 bytes (long notes belong in docs/).
+- README.md stays at most 12 KiB (long notes belong in docs/).
 
 python -m pytest -q tests/test_docs.py
 """
@@ -116,4 +116,4 @@ def test_relative_links_exist(page):
 
 def test_readme_is_short():
     size = os.path.getsize(README)
-    assert size <= 13000, f"README.md is {size} bytes; move long notes to docs/"
+    assert size <= 12 * 1024, f"README.md is {size} bytes; move long notes to docs/"
