@@ -51,8 +51,8 @@ import checkpoints
 import evaluation
 import metrics
 from coconut import EXPORT_FILE, FEEDBACK_OPTIONS, PROJECTION_FILE
-from dataset import MyCollator, data_options, get_dataset, get_question_latent_dataset, load_samples, stage_for_epoch
-from distributed import Process
+from dataset import MyCollator, data_options, get_question_latent_dataset, load_samples, stage_for_epoch, tokenise_samples
+from distributed import Process, single_process_device
 from utils import ArgumentParser, UserError, load_config, resolve_config, run_folder
 
 COMMANDS = ("sweep", "inspect", "export")
@@ -117,9 +117,9 @@ def resolve_checkpoint(configs, given):
         if not os.path.isfile(given):
             raise UserError(f"--checkpoint '{given}': no such checkpoint file")
         return given
-    names = [] if configs.only_eval else checkpoints.complete_checkpoints(run_folder(configs))
-    if names:
-        return os.path.join(run_folder(configs), names[-1])
+    newest = None if configs.only_eval else checkpoints.newest_checkpoint(run_folder(configs))
+    if newest is not None:
+        return newest
     if configs.load_model_path is not None:
         return configs.load_model_path
     raise UserError(
@@ -167,7 +167,7 @@ class Loaded(NamedTuple):
 def model_for_analysis(configs):
     """The Loaded model, built as run.py builds it; its "Loaded ..." line goes
     to stderr, keeping stdout for the results."""
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = single_process_device()
     with redirect_stdout(sys.stderr):
         model, tokenizer, ids = build.build_model(configs)
     model.to(device).eval()
@@ -221,7 +221,7 @@ def sweep_command(args, configs, raw):
     top = configs.max_latent_stage if args.max_thoughts is None else args.max_thoughts
     loaded = model_for_analysis(configs)
     configs = replace(configs, batch_size_eval=args.batch_size)
-    base_valid = get_dataset(configs.val_path, loaded.tokenizer, max_size=len(raw), **data_options(configs))
+    base_valid = tokenise_samples(raw, configs.val_path, loaded.tokenizer)
     rows = []
     for n in range(top + 1):
         rows.append(evaluate_count(loaded, configs, base_valid, raw, n))
@@ -457,7 +457,7 @@ def inspect_command(args, configs, raw):
     indices = parse_sample_indices(args.samples, len(raw), configs.val_path)
     graphs = [graph_of(raw[i], i, configs.val_path) for i in indices]  # checked before the model is built
     loaded = model_for_analysis(configs)
-    base_valid = get_dataset(configs.val_path, loaded.tokenizer, max_size=len(raw), **data_options(configs))
+    base_valid = tokenise_samples(raw, configs.val_path, loaded.tokenizer)
     table = loaded.model.base_causallm.get_input_embeddings().weight
     summary = {
         "config": args.config_file, "checkpoint": configs.load_model_path, "data": configs.val_path,
@@ -553,7 +553,6 @@ def plot_top_token_bars(ax, thoughts):
     ax.set_ylabel("top-1 LM-head probability")
 
 
-# ---------------------------------------------------------------------- main
 # ---------------------------------------------------------------------- export
 def export_setup(target):
     """The run's config (from config.yaml beside the checkpoint) with the
@@ -568,18 +567,16 @@ def export_setup(target):
     if not os.path.isfile(config_file):
         raise UserError(f"{target}: no config.yaml in {folder} (export reads the run folder run.py wrote)")
     configs = resolve_config(load_config(config_file), source=config_file)
+    checkpoint = checkpoint or checkpoints.newest_checkpoint(folder)
     if checkpoint is None:
-        names = checkpoints.complete_checkpoints(folder)
-        if not names:
-            raise UserError(f"{target}: the run folder holds no checkpoint")
-        checkpoint = os.path.join(folder, names[-1])
+        raise UserError(f"{target}: the run folder holds no checkpoint")
     return replace(configs, load_model_path=checkpoint, only_eval=True)
 
 
-def checkpoint_stage(configs, checkpoint):
-    """The curriculum stage the checkpoint last trained; None for a file not
-    named as run.py names checkpoints."""
-    place = checkpoints.position(os.path.basename(checkpoint))
+def checkpoint_stage(configs):
+    """The curriculum stage the checkpoint `load_model_path` last trained;
+    None for a file not named as run.py names checkpoints."""
+    place = checkpoints.position(os.path.basename(configs.load_model_path))
     if place is None:
         return None
     epochs, batches = place
@@ -597,7 +594,7 @@ def export_command(args):
         "latent_token_id": ids["<|latent|>"], "start_latent_id": ids["<|start-latent|>"], "end_latent_id": ids["<|end-latent|>"],
         "eos_token_id": tokenizer.eos_token_id, "method": configs.method,
         "c_thought": configs.c_thought, "max_latent_stage": configs.max_latent_stage, "pad_latent_to_max": configs.pad_latent_to_max,
-        "stage": checkpoint_stage(configs, configs.load_model_path), "checkpoint": os.path.abspath(configs.load_model_path),
+        "stage": checkpoint_stage(configs), "checkpoint": os.path.abspath(configs.load_model_path),
         **{key: getattr(configs, key) for key in FEEDBACK_OPTIONS},
     }
     # written to a temporary folder renamed into place: an error leaves nothing
@@ -621,6 +618,7 @@ def export_command(args):
     return out
 
 
+# ---------------------------------------------------------------------- main
 def write_outputs(outputs, folder):
     """Only after everything is computed, so an error leaves nothing behind.
     A value is text, or a callable that writes the file at a path."""

@@ -8,8 +8,8 @@ from contextlib import nullcontext
 
 import torch
 
-from coconut import Coconut, fast_path_unsupported
-from utils import UserError, print0, resolve_config
+from coconut import FEEDBACK_OPTIONS, Coconut, fast_path_unsupported
+from utils import UserError, one_line, print0, resolve_config
 
 LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
 
@@ -24,8 +24,7 @@ def load_pretrained(model_id):
         # `mixed_precision` choose lower precision explicitly
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model_id '{model_id}': cannot load model or tokenizer ({first})") from None
+        raise UserError(f"model_id '{model_id}': cannot load model or tokenizer ({one_line(e)})") from None
     return model, tokenizer
 
 
@@ -42,7 +41,7 @@ def load_weights(module, state_dict, path):
     try:
         result = module.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:
-        raise UserError(f"load_model_path '{path}': weights do not fit the model ({str(e).splitlines()[0]})") from None
+        raise UserError(f"load_model_path '{path}': weights do not fit the model ({one_line(e)})") from None
     print0(f"Loaded {path}: {result}")
 
 
@@ -103,8 +102,7 @@ def wrap_coconut(model, ids, tokenizer, configs):
     try:
         return Coconut(
             model, ids["<|latent|>"], ids["<|start-latent|>"], ids["<|end-latent|>"], tokenizer.eos_token_id,
-            pause_as_thought=configs.pause_as_thought, latent_layer=configs.latent_layer,
-            latent_norm=configs.latent_norm, latent_projection=configs.latent_projection,
+            **{key: getattr(configs, key) for key in FEEDBACK_OPTIONS},
         )
     except ValueError as e:  # latent_layer beyond this model's depth
         raise UserError(f"key 'latent_layer' with model_id '{configs.model_id}': {e}") from None

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 import build
 from distributed import barrier, full_state_dict
-from utils import Config, UserError, asked_config, is_main_process, print0, run_folder
+from utils import Config, UserError, asked_config, atomic_write, is_main_process, print0, run_folder
 
 PATTERNS = (re.compile(r"checkpoint_(\d+)"), re.compile(r"partial_(\d+)_(\d+)"))
 
@@ -57,6 +57,12 @@ def complete_checkpoints(folder):
     return sorted(names, key=position)
 
 
+def newest_checkpoint(folder):
+    """The path of the folder's newest complete checkpoint; None if it holds none."""
+    names = complete_checkpoints(folder)
+    return os.path.join(folder, names[-1]) if names else None
+
+
 def name_for(epoch, batches_done=0):
     """Name of a checkpoint taken in 0-based `epoch` after `batches_done`
     batches; 0 means the epoch's end."""
@@ -64,11 +70,7 @@ def name_for(epoch, batches_done=0):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary name, then rename: a reader (or a restart
-    after SIGKILL) sees the old file or the whole new one, never half."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def write(folder, name, weights, state):
@@ -243,15 +245,16 @@ def find_resume_checkpoint(configs):
     its ResumePoint, or None (no checkpoint, or only_eval)."""
     if configs.only_eval:
         return None
-    names = complete_checkpoints(run_folder(configs))
-    if not names:
+    checkpoint = newest_checkpoint(run_folder(configs))
+    if checkpoint is None:
         return None
-    epoch, batches_done = position(names[-1])
+    name = os.path.basename(checkpoint)
+    epoch, batches_done = position(name)
     where = f"epoch {epoch}" + (f", batch {batches_done}" if batches_done else "")
-    print0(f"Found a previous run in {run_folder(configs)}: resuming from {names[-1]} ({where}; the configured `resume` is ignored)")
+    print0(f"Found a previous run in {run_folder(configs)}: resuming from {name} ({where}; the configured `resume` is ignored)")
     if epoch >= configs.num_epochs:
         print0(f"All {configs.num_epochs} epochs are done already; raise num_epochs to train further")
-    return ResumePoint(epoch, batches_done, os.path.join(run_folder(configs), names[-1]))
+    return ResumePoint(epoch, batches_done, checkpoint)
 
 
 def gather_rng_states():
@@ -333,22 +336,15 @@ def save_run_config(asked, configs):
     resolved = configs.to_dict()
     as_asked = asked_config(Config(asked), source=os.path.join(folder, "config.yaml")).to_dict()
     changed = [f"#   {key}: {as_asked[key]} -> {value}" for key, value in resolved.items() if as_asked[key] != value]
-    head = [
+    asked_head = [
         "# What the user asked for: the config file's keys, then the command-line overrides.",
         "# resolved.yaml beside it holds every key as the run used it.",
     ]
-    write_text(os.path.join(folder, "config.yaml"), "\n".join(head) + "\n" + yaml.safe_dump(dict(asked), sort_keys=False))
-    head = [
+    resolved_head = [
         f"# Every key as the run used it (method: {configs.method}): config.yaml with the",
         "# defaults filled in" + (", and changed by set-up (asked -> used):" if changed else "; set-up changed nothing."),
         *changed,
     ]
-    write_text(os.path.join(folder, "resolved.yaml"), "\n".join(head) + "\n" + yaml.safe_dump(resolved, sort_keys=False))
-
-
-def write_text(path, text):
-    """Whole or not at all: a reader never sees half a file."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
+    for name, head, values in (("config.yaml", asked_head, dict(asked)), ("resolved.yaml", resolved_head, resolved)):
+        text = "\n".join(head) + "\n" + yaml.safe_dump(values, sort_keys=False)
+        atomic_write(os.path.join(folder, name), lambda f, text=text: f.write(text))

@@ -200,7 +200,6 @@ class Coconut(nn.Module):
 
             weights = load_file(os.path.join(folder, PROJECTION_FILE))
             model.latent_projection.load_state_dict(weights)
-            model.latent_projection.to(model.embedding.weight.device, model.embedding.weight.dtype)
         return model
 
     def use_fast_path(self, enabled=True, compile=True, compile_training=True):
@@ -247,7 +246,8 @@ class Coconut(nn.Module):
         training) makes at least that many latent passes' worth of base-model
         calls: every rank must make as many as the others, since each call
         gathers the sharded weights; the calls this batch does not need run
-        on one token and add exactly zero to the loss."""
+        on one token and add exactly zero to the loss. pause_as_thought makes
+        no latent passes on any rank, so it needs none."""
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
         plan = plan if plan is not None else self.plan(input_ids)
@@ -259,7 +259,7 @@ class Coconut(nn.Module):
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
             )
-        for _ in range(min_passes - plan.n_passes):
+        for _ in range(0 if self.pause_as_thought else min_passes - plan.n_passes):
             # a term of value zero: its backward, too, runs on every rank
             idle = self._idle_call(input_ids[:, :1]).logits.sum() * 0.0
             loss = idle if loss is None else loss + idle

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import torch
 from datasets.fingerprint import Hasher
 
-from utils import SAMPLE_FIELDS, UserError, is_main_process, parse_data_columns
+from utils import SAMPLE_FIELDS, UserError, is_main_process, one_line, parse_data_columns
 
 # part of the token cache's key: change it whenever tokenise_batch changes
 # what it writes, so that older cache entries no longer apply
@@ -175,11 +175,6 @@ def is_saved_dataset(folder):
     return any(os.path.exists(os.path.join(folder, f)) for f in ("state.json", "dataset_dict.json"))
 
 
-def one_line(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
 def with_fields(table, renames, path):
     """The source's columns renamed to the sample fields (data_columns); a
     column already holding a field's name gives way to the renamed one."""
@@ -238,8 +233,7 @@ def first_problem(path, table, renames, needed, data_format):
 
 
 def sample_problem(sample, needed=SAMPLE_FIELDS):
-    if not isinstance(sample, dict):
-        return f"expected an object, got {type(sample).__name__}"
+    """What is wrong with one sample (a dict), or None."""
     for key in needed:
         if key not in sample:
             return f"missing key '{key}'"
@@ -294,12 +288,17 @@ def quiet_datasets(progress=None):
 
 # ------------------------------------------------------------ tokenisation
 def get_dataset(path, tokenizer, max_size=1000000000, columns="", data_format="coconut"):
-    """Tokenise a data source's first max_size samples: question (+ "\\n",
-    special tokens), each step (+ "\\n"), answer ("### " + answer, then
-    eos), and the sample index. datasets keeps the ids in its cache, keyed by
-    the source's fingerprint and this exact tokenizer, so a later run (or
-    every other rank) reads them back instead of tokenising."""
-    raw = load_samples(path, columns, data_format)
+    """Tokenise a data source's first max_size samples (see tokenise_samples)."""
+    return tokenise_samples(load_samples(path, columns, data_format), path, tokenizer, max_size)
+
+
+def tokenise_samples(raw, path, tokenizer, max_size=1000000000):
+    """The first max_size samples of `raw` (load_samples of `path`),
+    tokenised: question (+ "\\n", special tokens), each step (+ "\\n"),
+    answer ("### " + answer, then eos), and the sample index. datasets keeps
+    the ids in its cache, keyed by the source's fingerprint and this exact
+    tokenizer, so a later run (or every other rank) reads them back instead
+    of tokenising."""
     if max_size < len(raw):
         raw = raw.select(range(max_size))
     with quiet_datasets():

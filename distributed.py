@@ -23,12 +23,16 @@ class Process(NamedTuple):
     device: torch.device
 
 
+def single_process_device():
+    """The first GPU if there is one, else the CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_distributed():
     """This Process. Under torchrun: NCCL on GPU, gloo on CPU, device set
     before the process group. A plain process gets no group."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        return Process(0, 1, device)
+        return Process(0, 1, single_process_device())
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local)

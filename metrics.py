@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from utils import is_main_process, print0, run_folder
+from utils import ArgumentParser, UserError, atomic_write, is_main_process, print0, run_folder
 
 TRAIN_FILE = "metrics.jsonl"
 EVAL_ONLY_FILE = "eval_metrics.jsonl"
@@ -56,10 +56,7 @@ class MetricsLog:
         kept = []
         if os.path.exists(self.path) and not only_eval:
             kept = [r for r in read(self.path) if before(r, *start)]
-            temporary = self.path + ".tmp"
-            with open(temporary, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(temporary, self.path)
+            atomic_write(self.path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept))
         self.offset = kept[-1]["wall_time"] if kept else 0.0
         self.started = time.monotonic()
         self.file = open(self.path, "a")
@@ -302,15 +299,13 @@ def print_stage_summary(logger):
 
 
 def main(argv=None):
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Plot a run's metrics: loss and accuracy over epochs, accuracy per stage.")
+    parser = ArgumentParser(description="Plot a run's metrics: loss and accuracy over epochs, accuracy per stage.")
     parser.add_argument("run_folder", help="the run's folder, <save_path>/<name>, holding metrics.jsonl")
     parser.add_argument("--out", help="folder for the PNGs (default: the run folder)")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         written = plot(args.run_folder, args.out)
-    except ValueError as e:
+    except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

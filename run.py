@@ -19,18 +19,18 @@ import distributed
 import evaluation
 import metrics
 import train
-from dataset import MyCollator, data_options, get_cot_latent_dataset, get_dataset, get_question_latent_dataset, load_samples, stage_for_epoch
+from dataset import MyCollator, data_options, get_cot_latent_dataset, get_question_latent_dataset, load_samples, stage_for_epoch, tokenise_samples
 from utils import ArgumentParser, UserError, is_main_process, print0, read_config, resolve_config, set_seed
 
 
 def load_data(configs):
     """Read and check the data sources before anything is built or written;
-    returns the validation samples."""
+    returns the training samples (None with only_eval) and the validation
+    samples."""
     with distributed.main_process_first():
         raw_val = load_samples(configs.val_path, **data_options(configs))
-        if not configs.only_eval:
-            load_samples(configs.train_path, **data_options(configs))
-    return raw_val
+        raw_train = None if configs.only_eval else load_samples(configs.train_path, **data_options(configs))
+    return raw_train, raw_val
 
 
 def run(configs, rank, world, device, asked=None):
@@ -41,7 +41,7 @@ def run(configs, rank, world, device, asked=None):
     asked = dict(asked if asked is not None else configs)
     configs = resolve_config(configs, resume)  # frozen from here on
     process = distributed.Process(rank, world, device)
-    raw_val = load_data(configs)
+    raw_train, raw_val = load_data(configs)
     model, tokenizer, ids = build.build_model(configs)
     parallel = distributed.wrap_model(model, configs, world, device)
     build.set_tf32(configs, device)
@@ -50,8 +50,8 @@ def run(configs, rank, world, device, asked=None):
 
     with distributed.main_process_first():
         if not configs.only_eval:
-            base_train = get_dataset(configs.train_path, tokenizer, max_size=train.train_size(configs), **data_options(configs))
-        base_valid = get_dataset(configs.val_path, tokenizer, max_size=32 if configs.debug else 100000000, **data_options(configs))
+            base_train = tokenise_samples(raw_train, configs.train_path, tokenizer, max_size=train.train_size(configs))
+        base_valid = tokenise_samples(raw_val, configs.val_path, tokenizer, max_size=32 if configs.debug else 100000000)
     markerless = not configs.latent_tokens
 
     state = checkpoints.TrainingState(epoch=configs.resume, batches_done=resume.batches_done if resume else 0)
@@ -98,7 +98,7 @@ def run(configs, rank, world, device, asked=None):
             break
         improved = acc > state.best_acc
         if improved:
-            state.best_acc, state.best_name = acc, checkpoints.name_for(epoch)
+            state.best_acc, state.best_name = acc, state.checkpoint_name()  # the one saved after this epoch
         if policy.after_evaluation(improved):
             save()
     metrics.print_stage_summary(logger)

@@ -55,9 +55,10 @@ def passes_in_step(parallel, dataset):
     when rows hold different latent counts (uniform_prob, or
     pad_latent_to_max off). Every forward then makes as many calls as the
     stage's widest sequence needs, a number each rank computes alike; 0
-    (no padding) when nothing is sharded or every sequence is alike."""
+    (no padding) when nothing is sharded or the dataset does not know its
+    widest sequence."""
     coconut = as_coconut(parallel)
-    if coconut is None or coconut.pause_as_thought or not is_sharded(parallel) or not hasattr(dataset, "max_latents"):
+    if coconut is None or not is_sharded(parallel) or not hasattr(dataset, "max_latents"):
         return 0
     return dataset.max_latents()
 

@@ -5,6 +5,7 @@ user-error type, and main-process printing."""
 
 import argparse
 import difflib
+import json
 import os
 import random
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -267,14 +268,9 @@ def read_config(path, overrides=()):
         for key, value in mapping.items():
             _check_key(str(key), source)
             asked[key] = _typed(key, value, source)
-    values = dict(asked)
-    for key, (_, default, _) in CONFIG_KEYS.items():
-        if key not in values:
-            if default is REQUIRED:
-                raise UserError(f"{path}: missing required key '{key}'")
-            values[key] = default
-    config = Config(values)
-    asked_config(config, source=path)  # checks the settings together
+    defaults = {key: default for key, (_, default, _) in CONFIG_KEYS.items() if default is not REQUIRED and key not in asked}
+    config = Config(asked, **defaults)  # the user's keys first, as written
+    asked_config(config, source=path)  # a missing required key, and the settings together
     return config, asked
 
 
@@ -403,6 +399,36 @@ def parse_data_columns(text):
             raise ValueError(f"{field!r} is given twice")
         renames[field] = column
     return renames
+
+
+def one_line(error):
+    """An exception's message as one line for a UserError: its first line, or
+    its type when it has no message."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def atomic_write(path, write, binary=False):
+    """Write `path` whole or not at all: `write(file)` fills a temporary file
+    beside it, renamed into place once complete (removed on an error). A
+    reader, or a restart after SIGKILL, sees the old file or the whole new
+    one, never half."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "wb") if binary else open(temporary, "w", encoding="utf-8") as f:
+            write(f)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def write_json_atomic(data, out):
+    """A data file (the project's JSON layout), written atomically; its
+    folder is made if needed."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    atomic_write(out, lambda f: json.dump(data, f, indent=1, ensure_ascii=False))
 
 
 def set_seed(seed):

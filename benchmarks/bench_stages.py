@@ -16,8 +16,9 @@ import tempfile
 import time
 
 # datasets reads its cache folder when imported: a fresh one, so that the
-# first load below really tokenises
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="bench-stages-"))
+# first load below really tokenises; the later run's process is given it too
+CACHE = tempfile.TemporaryDirectory(prefix="bench-stages-")
+os.environ["HF_DATASETS_CACHE"] = CACHE.name
 
 import torch  # noqa: E402
 from shapes import REPO, gsm_like, header  # noqa: E402
@@ -52,16 +53,18 @@ def tokenise_file(n, folder):
     first call tokenises, a new process then reads datasets' cache.
     Returns (first seconds, later-run seconds, the tokenised samples)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "true"  # as in a run (the tests turn it off)
-    from conftest import make_samples, train_tokenizer
+    from helpers import make_samples, toy_tokenizer
 
-    tokenizer = train_tokenizer(folder)
+    tokenizer = toy_tokenizer()
+    tokenizer.save_pretrained(folder)
     path = os.path.join(folder, "gsm_like.json")
     samples = make_samples(1000, seed=5, max_steps=5)
     with open(path, "w") as f:
         json.dump((samples * (n // len(samples) + 1))[:n], f)
     first, tokenised = seconds(lambda: get_dataset(path, tokenizer))
     script = LATER_RUN.format(repo=REPO, folder=folder, path=path)
-    later = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    env = dict(os.environ, HF_DATASETS_CACHE=CACHE.name)
+    later = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     took, count = later.stdout.split()
     assert int(count) == n
     return first, float(took), tokenised

@@ -12,10 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert_io import write_json_atomic  # noqa: E402
-
-from utils import ArgumentParser, UserError  # noqa: E402
+from utils import ArgumentParser, UserError, write_json_atomic  # noqa: E402
 
 
 def parse_gsm_line(line):

@@ -31,10 +31,7 @@ import sys
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert_io import write_json_atomic  # noqa: E402
-
-from utils import ArgumentParser, UserError  # noqa: E402
+from utils import ArgumentParser, UserError, write_json_atomic  # noqa: E402
 
 PEOPLE = ("Alex", "Sam", "Max", "Tom", "Eva", "Ivy", "Leo", "Mia", "Ada", "Ben")
 ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "z", "br", "gr", "sk", "tr", "zh")

@@ -15,7 +15,6 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from utils import ArgumentParser, UserError  # noqa: E402
 
 EOS = "<|endoftext|>"

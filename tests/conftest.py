@@ -22,7 +22,7 @@ import pytest
 # file's, for the same failure messages, so registered before its import
 pytest.register_assert_rewrite("helpers")
 
-from helpers import REPO, load_preprocessing, make_samples  # noqa: E402  (benchmarks/bench_stages.py imports make_samples from here)
+from helpers import REPO, make_samples, toy_tokenizer  # noqa: E402
 
 sys.path.insert(0, REPO)
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -30,17 +30,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-")  # never the user's own cache
 atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
-BOS = "<s>"
-
-
 def train_tokenizer(folder, add_bos=False):
-    """preprocessing/tiny_model.py's tokenizer (numbers not split into digits)
-    trained on sample texts and saved to `folder`; with `add_bos`, a start
-    token begins every encoding, as Llama's."""
-    corpus = []
-    for s in make_samples(400, seed=123):
-        corpus.append(s["question"] + "\n" + "\n".join(s["steps"]) + "\n### " + s["answer"])
-    fast = load_preprocessing("tiny_model").train_tokenizer(corpus * 3, 300, split_digits=False, bos_token=BOS if add_bos else None)
+    """helpers.toy_tokenizer, saved to `folder`."""
+    fast = toy_tokenizer(add_bos=add_bos)
     fast.save_pretrained(folder)
     return fast
 

@@ -23,7 +23,7 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ARCHS = ["gpt2", "llama", "qwen2"]
-TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
+BOS = "<s>"
 
 
 # ------------------------------------------------------------- data and models
@@ -40,6 +40,17 @@ def make_samples(n, seed=0, max_steps=4):
             value += c
         samples.append({"question": f"Tom has {a} apples and gets {b} more, then adds steps?", "steps": steps, "answer": str(value)})
     return samples
+
+
+
+def toy_tokenizer(add_bos=False):
+    """preprocessing/tiny_model.py's tokenizer (numbers not split into digits)
+    trained on make_samples texts; with `add_bos`, a start token begins every
+    encoding, as Llama's."""
+    corpus = []
+    for s in make_samples(400, seed=123):
+        corpus.append(s["question"] + "\n" + "\n".join(s["steps"]) + "\n### " + s["answer"])
+    return load_preprocessing("tiny_model").train_tokenizer(corpus * 3, 300, split_digits=False, bos_token=BOS if add_bos else None)
 
 
 def load_tokenizer_and_model(folder):
@@ -62,12 +73,14 @@ def setup_model(folder):
     """(tokenizer, model in eval mode, (start, latent, end) ids): a tiny model
     with the three latent tokens added (embedding rows resized, not
     initialised from `<<` as build.py does) and eos as the pad token."""
+    from build import LATENT_TOKENS
+
     tokenizer, model = load_tokenizer_and_model(folder)
     tokenizer.pad_token = tokenizer.eos_token
-    for t in TOKENS:
+    for t in LATENT_TOKENS:
         tokenizer.add_tokens(t)
     model.resize_token_embeddings(len(tokenizer))
-    start, end, latent = (tokenizer.convert_tokens_to_ids(t) for t in TOKENS)
+    start, end, latent = (tokenizer.convert_tokens_to_ids(t) for t in LATENT_TOKENS)
     model.eval()  # no dropout: the two computations must see the same function
     return tokenizer, model, (start, latent, end)
 
@@ -174,11 +187,18 @@ def cli_env(tmp_path, **extra):
     return env
 
 
+def launcher(processes=1):
+    """The command that starts a script: python, or torchrun on one machine
+    with `processes` processes (gloo on a CPU) when more than one."""
+    if processes == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+
+
 def run_cli(args, tmp_path, torchrun=False, timeout=600, **env):
     """run.py with `args` in `tmp_path`, as one process or two under torchrun
     (gloo on a CPU); returns the CompletedProcess, output captured."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    return subprocess.run(launcher + [os.path.join(REPO, "run.py")] + args, capture_output=True, text=True,
+    return subprocess.run(launcher(2 if torchrun else 1) + [os.path.join(REPO, "run.py")] + args, capture_output=True, text=True,
                           env=cli_env(tmp_path, **env), cwd=tmp_path, timeout=timeout)
 
 

@@ -9,7 +9,6 @@ one-line errors, with nothing written, for bad input.
 python -m pytest -q tests/test_analysis.py
 """
 
-import importlib.util
 import inspect
 import json
 import os
@@ -18,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, load_tokenizer_and_model, naive_forward, write_config
+from helpers import REPO, load_preprocessing, load_tokenizer_and_model, naive_forward, preprocessing_cli, write_config
 
 import analysis
 import build
@@ -50,16 +49,9 @@ def graph_setup(tmp_path_factory):
     '#', so the extracted answer is the whole text, latent tokens included:
     it depends on the number of thoughts, which the cross-check needs."""
     root = tmp_path_factory.mktemp("analysis")
-    made = subprocess.run(
-        [sys.executable, "preprocessing/tasks.py", "graph", "--train", "40", "--valid", "7", "--test", "0", "--out-dir", str(root),
-         "--max-hops", "3"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
+    made = preprocessing_cli("tasks.py", "graph", "--train", "40", "--valid", "7", "--test", "0", "--out-dir", root, "--max-hops", "3")
     assert made.returncode == 0, made.stderr
-    spec = importlib.util.spec_from_file_location("tiny_model", os.path.join(REPO, "preprocessing", "tiny_model.py"))
-    tiny_model = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny_model)
-    tiny_model.build([str(root / "graph_train.json")], str(root / "model"), n_layer=2, n_embd=32, n_head=2)
+    load_preprocessing("tiny_model").build([str(root / "graph_train.json")], str(root / "model"), n_layer=2, n_embd=32, n_head=2)
     config = write_config(
         root, str(root / "model"), "graph", train_path=str(root / "graph_train.json"),
         val_path=str(root / "graph_valid.json"), max_latent_stage=2,

@@ -6,11 +6,10 @@ python -m pytest -q -m cuda tests
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import REPO, cli_env, write_config
+from helpers import REPO, cli_env, launcher, write_config
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 
@@ -35,8 +34,7 @@ def test_torchrun_on_every_gpu_with_mixed_precision(workspace, tmp_path):
     config = write_config(tmp_path, model_dir, "cuda", save_path=str(tmp_path / "runs"), train_path=str(root / "train.json"),
                           val_path=str(root / "valid.json"), num_epochs=2, max_latent_stage=1, batch_size_training=4,
                           batch_size_eval=5, mixed_precision=True)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
-    done = subprocess.run(launcher + [os.path.join(REPO, "run.py"), config], capture_output=True, text=True, cwd=tmp_path,
+    done = subprocess.run(launcher(n) + [os.path.join(REPO, "run.py"), config], capture_output=True, text=True, cwd=tmp_path,
                           env=cli_env(tmp_path, WANDB_MODE="disabled"), timeout=900)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     assert "Accuracy on validation set: " in done.stdout and "/ 5 = " in done.stdout, done.stdout[-2000:]

@@ -31,18 +31,22 @@ def read(path):
         return f.read()
 
 
-def key_table(path):
-    """{key: (type cell, default cell)} from the rows "| `key` | type |
-    default | meaning |" of the table that starts with "| key |"."""
+def key_rows(path):
+    """The rows "| `key` | type | default | meaning |" of the page's table
+    that starts with "| key |"."""
     text = read(path)
     table = text[text.index("\n| key | type | default | meaning |"):].split("\n\n", 1)[0]
+    return [line for line in table.splitlines() if line.startswith("| `")]
+
+
+def key_table(path):
+    """{key: (type cell, default cell)} of the page's key table."""
     rows = {}
-    for line in table.splitlines():
-        if line.startswith("| `"):
-            cells = [cell.strip() for cell in line.strip("|").split(" | ")]
-            key = cells[0].strip("`")
-            assert key not in rows, f"{path}: key {key} listed twice"
-            rows[key] = (cells[1], cells[2].replace("`", "").replace("*", ""))
+    for line in key_rows(path):
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        key = cells[0].strip("`")
+        assert key not in rows, f"{path}: key {key} listed twice"
+        rows[key] = (cells[1], cells[2].replace("`", "").replace("*", ""))
     return rows
 
 
@@ -95,9 +99,7 @@ def field_row(spec):
 
 
 def test_config_page_rows_are_the_runconfig_fields():
-    text = read(os.path.join(REPO, "docs", "config.md"))
-    table = text[text.index("\n| key | type | default | meaning |"):].split("\n\n", 1)[0]
-    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    rows = key_rows(os.path.join(REPO, "docs", "config.md"))
     expected = [field_row(spec) for spec in fields(RunConfig)]
     assert rows == expected, "docs/config.md's key table differs from RunConfig; its rows should read:\n" + "\n".join(expected)
 

@@ -9,12 +9,11 @@ python -m pytest -q tests/test_resume.py
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from helpers import checkpoints, cli_env, config_for, run_cli, write_config
+from helpers import checkpoints, cli_env, config_for, launcher, run_cli, write_config
 
 import build
 import evaluation
@@ -24,8 +23,7 @@ from coconut import Coconut
 
 
 def launch(args, tmp_path, torchrun):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    return subprocess.Popen(launcher + [os.path.join(os.path.dirname(cli.__file__), "run.py")] + args, cwd=tmp_path,
+    return subprocess.Popen(launcher(2 if torchrun else 1) + [os.path.join(os.path.dirname(cli.__file__), "run.py")] + args, cwd=tmp_path,
                             env=cli_env(tmp_path, WANDB_MODE="disabled"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 

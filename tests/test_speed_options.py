@@ -10,11 +10,10 @@ import importlib.util
 import json
 import os
 import re
-import sys
 
 import pytest
 import torch
-from helpers import REPO, checkpoints, cli_env, config_for, write_config
+from helpers import REPO, checkpoints, cli_env, config_for, launcher, write_config
 
 import build
 import run as cli
@@ -85,8 +84,7 @@ def test_non_finite_loss_on_one_rank_stops_both_at_the_next_sync(workspace, tmp_
     root, model_dir = workspace
     config = write_config(tmp_path, model_dir, "nan2", train_path=str(root / "train.json"), val_path=str(root / "valid.json"),
                           batch_size_training=2, num_epochs=2, sync_every=50)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(launcher + [str(script), config], capture_output=True, text=True, cwd=tmp_path,
+    done = subprocess.run(launcher(2) + [str(script), config], capture_output=True, text=True, cwd=tmp_path,
                           env=cli_env(tmp_path, WANDB_MODE="disabled"), timeout=600)
     assert done.returncode != 0
     assert "error: non-finite training loss at epoch 1, batch 2: stopping without saving" in done.stderr
